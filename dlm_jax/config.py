@@ -1,0 +1,255 @@
+"""Typed configuration schema and its validation.
+
+`configs/*.py:get_config(arg)` returns a `Config`; ml_collections' `config_flags` overrides any
+field from the command line (`--config.optim.lr=3e-4`). `validate()` then turns every bad value
+into one `ConfigError` naming the key, the value and what is allowed. No logic beyond checks and
+derived sizes lives here.
+
+Families (`diffusion.family`) are shorthands for a process × objective × block size; every field
+can still be set on its own, so combinations no paper ran are a config change:
+  ar      causal transformer, next-token NLL                    (objective "ar")
+  mdlm    absorbing process, masked NELBO, one block            (objective "nelbo", block_size 0)
+  bd3lm   absorbing process, masked NELBO, blocks of block_size (two-pass training)
+  sedd    absorbing or uniform process, score entropy           (objective "score_entropy")
+  d3pm    discrete-time uniform/absorbing, VLB + λ·CE           (objective "d3pm")
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "stdlib"          # stdlib | text | tfds | markov
+    paths: tuple = ()               # text: files or globs
+    tfds_name: str = ""             # tfds: dataset name (e.g. "lm1b")
+    tfds_data_dir: str = ""
+    text_key: str = "text"
+    tokenizer: str = "byte"         # byte | gpt2 (encoder.json + vocab.bpe) | hf (tokenizer.json)
+    tokenizer_path: str = ""
+    seq_len: int = 128
+    mode: str = "wrap"              # wrap | pack
+    max_bytes: int = 0              # cap on the corpus read (0: no cap)
+    markov_order: int = 2
+    markov_vocab: int = 8
+    markov_seed: int = 0
+    markov_num_tokens: int = 200_000
+    num_threads: int = 2
+    prefetch: int = 2
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    size: str = "tiny"              # preset: tiny | bench | small | medium
+    width: int = 0                  # 0: take the preset's value
+    depth: int = 0
+    heads: int = 0
+    cond_dim: int = 0
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    time_conditioning: bool = False
+    scale_by_sigma: bool = True     # SEDD absorbing log-score head: subtract log(expm1 σ̄)+log(S-1)
+    compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
+    remat: bool = False
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    family: str = "bd3lm"           # ar | mdlm | bd3lm | sedd | d3pm (see module docstring)
+    process: str = "absorbing"      # absorbing | uniform
+    objective: str = "nelbo"        # ar | nelbo | score_entropy | d3pm
+    schedule: str = "loglinear"     # loglinear | geometric | linear | cosine
+    schedule_eps: float = 1e-3      # loglinear / cosine eps
+    sigma_min: float = 1e-4         # geometric / linear
+    sigma_max: float = 20.0
+    block_size: int = 0             # 0: the whole sequence (plain diffusion)
+    sampling_eps: float = 1e-3      # training times t ~ U[eps, 1] (unclipped)
+    antithetic: bool = True         # stratified times over batch × blocks
+    clip: tuple = (1e-3, 1.0)       # BD3-LM clipped schedule [beta_l, beta_u]
+    resample: bool = False          # BD3-LM: realised mask fraction inside clip
+    var_min: bool = False           # BD3-LM: search clip bounds minimising Var(NELBO) at eval
+    clip_search_widths: tuple = (0.5, 0.6, 0.7, 0.8, 0.9)
+    clip_search_delta: float = 0.05
+    clip_search_batches: int = 4
+    d3pm_steps: int = 1000
+    d3pm_schedule: str = "cosine"   # linear | cosine | jsd
+    hybrid_lambda: float = 0.01
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    decay: str = "constant"         # constant | cosine
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0          # global norm; 0 disables
+    ema_decay: float = 0.9999       # 0 disables EMA
+    accum_steps: int = 1            # gradient accumulation (microbatches per step)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32            # global batch (sequences)
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    eval_batches: int = 8
+    ckpt_every: int = 500
+    keep: int = 3
+    async_checkpoint: bool = True
+    tensorboard: bool = False
+    profile_steps: tuple = ()       # (start, stop) to capture a jax.profiler trace
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    shape: tuple = (-1, 1, 1)       # (data, fsdp, tensor); one -1 takes the remaining devices
+    axes: tuple = ("data", "fsdp", "tensor")
+    # logical parameter axis -> mesh axes (None: replicated)
+    rules: tuple = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("qkv", None),
+        ("kv", None),
+        ("cond", None),
+        ("layers", None),
+    )
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+FAMILIES = {
+    # family: (objective, process, block size rule)
+    "ar": "ar",
+    "mdlm": "nelbo",
+    "bd3lm": "nelbo",
+    "sedd": "score_entropy",
+    "d3pm": "d3pm",
+}
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of {sorted(allowed)}")
+
+
+def _check(cond: bool, key: str, value, what: str) -> None:
+    if not cond:
+        raise ConfigError(f"config.{key}={value!r}: {what}")
+
+
+def block_size(cfg: Config) -> int:
+    """The effective block size: `diffusion.block_size`, or the sequence length when 0."""
+    return cfg.diffusion.block_size or cfg.data.seq_len
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field; raise ConfigError naming the first bad key. Returns cfg."""
+    d, m, df, o, t, mesh = cfg.data, cfg.model, cfg.diffusion, cfg.optim, cfg.train, cfg.mesh
+    _choice("data.source", d.source, {"stdlib", "text", "tfds", "markov"})
+    _choice("data.tokenizer", d.tokenizer, {"byte", "gpt2", "hf"})
+    _choice("data.mode", d.mode, {"wrap", "pack"})
+    _check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
+    if d.source == "text":
+        _check(len(d.paths) > 0, "data.paths", d.paths, "source 'text' needs at least one path or glob")
+    if d.source == "tfds":
+        _check(bool(d.tfds_name), "data.tfds_name", d.tfds_name, "source 'tfds' needs a dataset name")
+    if d.tokenizer in ("gpt2", "hf"):
+        _check(bool(d.tokenizer_path), "data.tokenizer_path", d.tokenizer_path,
+               f"tokenizer {d.tokenizer!r} needs local files (hub downloads are not possible)")
+    if d.source == "markov":
+        _check(d.markov_vocab >= 2, "data.markov_vocab", d.markov_vocab, "must be >= 2")
+        _check(d.markov_order >= 1, "data.markov_order", d.markov_order, "must be >= 1")
+
+    _choice("model.size", m.size, {"tiny", "bench", "small", "medium"})
+    _choice("model.compute_dtype", m.compute_dtype, {"float32", "bfloat16"})
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    for key in ("width", "depth", "heads", "cond_dim", "mlp_ratio"):
+        _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
+
+    _choice("diffusion.family", df.family, set(FAMILIES))
+    _choice("diffusion.objective", df.objective, {"ar", "nelbo", "score_entropy", "d3pm"})
+    _choice("diffusion.process", df.process, {"absorbing", "uniform"})
+    _choice("diffusion.schedule", df.schedule, {"loglinear", "geometric", "linear", "cosine"})
+    _choice("diffusion.d3pm_schedule", df.d3pm_schedule, {"linear", "cosine", "jsd"})
+    if df.objective == "nelbo":
+        _check(df.process == "absorbing", "diffusion.process", df.process,
+               "objective 'nelbo' (masked NELBO) needs the absorbing process")
+    if df.family == "ar":
+        _check(df.objective == "ar", "diffusion.objective", df.objective, "family 'ar' needs objective 'ar'")
+    bs = block_size(cfg)
+    _check(bs >= 1 and d.seq_len % bs == 0, "diffusion.block_size", df.block_size,
+           f"must divide data.seq_len={d.seq_len} (0 means the whole sequence)")
+    _check(0.0 < df.sampling_eps < 1.0, "diffusion.sampling_eps", df.sampling_eps, "must be in (0, 1)")
+    lo, hi = df.clip
+    _check(0.0 <= lo <= hi <= 1.0, "diffusion.clip", df.clip, "needs 0 <= beta_l <= beta_u <= 1")
+    if df.resample:
+        _check(df.process == "absorbing", "diffusion.resample", df.resample,
+               "mask-fraction resampling needs the absorbing process")
+    _check(df.d3pm_steps >= 1, "diffusion.d3pm_steps", df.d3pm_steps, "must be >= 1")
+    _check(df.hybrid_lambda >= 0, "diffusion.hybrid_lambda", df.hybrid_lambda, "must be >= 0")
+
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _choice("optim.decay", o.decay, {"constant", "cosine"})
+    _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
+    _check(o.accum_steps >= 1, "optim.accum_steps", o.accum_steps, "must be >= 1")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)")
+
+    _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _check(t.batch_size % o.accum_steps == 0, "train.batch_size", t.batch_size,
+           f"must be divisible by optim.accum_steps={o.accum_steps}")
+    for key in ("log_every", "eval_every", "ckpt_every", "keep"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    _check(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
+
+    _check(len(mesh.shape) == len(mesh.axes) == 3, "mesh.shape", mesh.shape,
+           f"needs one size per axis of {mesh.axes}")
+    _check(list(mesh.shape).count(-1) <= 1, "mesh.shape", mesh.shape, "at most one -1")
+    _check(all(s == -1 or s >= 1 for s in mesh.shape), "mesh.shape", mesh.shape,
+           "sizes must be >= 1 or -1")
+    return cfg
+
+
+def apply_family(cfg: Config, family: str, block: int = 0) -> Config:
+    """Set the process/objective/model fields that define `family`; returns cfg."""
+    _choice("diffusion.family", family, set(FAMILIES))
+    df = cfg.diffusion
+    df.family = family
+    df.objective = FAMILIES[family]
+    df.block_size = block
+    cfg.model.time_conditioning = family in ("sedd", "d3pm")
+    if family == "ar":
+        df.block_size = 1
+    return cfg
