@@ -221,7 +221,8 @@ class Trainer:
                             f"training loss is {loss} at step {done} (finite at step "
                             f"{summary.get('last_logged_step', start)}); last good checkpoint: "
                             f"{self._ckpt_path(last_good)}")
-                    elapsed = time.perf_counter() - window_t0
+                    elapsed = max(time.perf_counter() - window_t0, 1e-9)
+                    window_steps = max(window_steps, 1)
                     tok_s = window_steps * tokens_per_step / elapsed
                     mfu = (tok_s * flops_per_token / self.peak_flops) if self.peak_flops else None
                     eta = (t.steps - done) * elapsed / window_steps

@@ -1,0 +1,434 @@
+"""grain input pipelines: documents → fixed-length token sequences → host-local numpy batches.
+
+Two layouts (``mode``):
+
+* ``"wrap"`` (BD3-LM/MDLM "wrap"): each document is tokenized, EOS is appended (and BOS
+  prepended with ``add_bos``), everything is concatenated and cut into ``seq_len`` chunks; the
+  last partial chunk is dropped. Output ``{"tokens": int32 (B, L)}``.
+* ``"pack"``: documents (cut into pieces of at most ``seq_len``) are packed first-fit into rows
+  padded with ``pad_id`` (``tokenizer.pad_id`` or else ``eos_id``). Output ``{"tokens",
+  "segment_ids", "positions"}``, int32 (B, L): ``segment_ids`` is 0 on padding and 1, 2, ... for
+  the pieces in a row; ``positions`` counts from 0 within each piece (0 on padding).
+
+Two ways to get there:
+
+* in memory (``stdlib``, ``text``, ``markov``): the host's documents are tokenized once up front
+  (in numpy; the byte tokenizer is a ``frombuffer``), laid out as an (N, L) array, then served by
+  ``MapDataset.source(rows).shuffle(seed).repeat().batch(B)`` — fast to start (about a second
+  for a few MB) and cheap per step.
+* streaming (``tfds``): ``MapDataset.source(array_record)[host::hosts].shuffle(seed).repeat()``
+  → per-record tokenization on reader threads → ``ConcatThenSplitIterDataset`` (wrap) or
+  ``FirstFitPackIterDataset`` (pack) → ``batch``.
+
+Either way the result is a ``grain.IterDataset``; ``iter(ds)`` is a checkpointable
+``DatasetIterator`` (``get_state()``/``set_state()``, or orbax
+``grain.checkpoint.CheckpointSave``/``CheckpointRestore``) that resumes at the exact next batch.
+
+Multi-host: every host calls :func:`make_dataset` with its ``process_index``/``process_count``
+and gets ``global_batch // process_count`` rows per batch from its own disjoint share of the
+documents (records for TFDS, whole sequences for Markov). :func:`to_global` assembles the global
+``jax.Array``. With ``repeat=False`` hosts can yield different numbers of batches; multi-host
+evaluation should use ``repeat=True`` and a fixed number of steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+import grain
+
+from dlm_jax.data import sources as sources_lib
+from dlm_jax.data.tokenizers import ByteTokenizer, Tokenizer, encode_documents
+
+__all__ = [
+    "SOURCES",
+    "MODES",
+    "make_dataset",
+    "dataset_vocab_size",
+    "markov_chain",
+    "wrap_documents",
+    "pack_documents",
+    "to_global",
+]
+
+SOURCES = ("stdlib", "text", "tfds", "markov")
+MODES = ("wrap", "pack")
+
+
+def _derive_seed(*parts: Any) -> int:
+    """A 32-bit seed from any printable parts (stable across runs and machines)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
+    return int.from_bytes(h, "big")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout in numpy (in-memory sources).
+# --------------------------------------------------------------------------------------------
+
+
+def _with_specials(doc: np.ndarray, bos_id: int | None, eos_id: int | None) -> np.ndarray:
+    parts = []
+    if bos_id is not None:
+        parts.append(np.array([bos_id], np.int32))
+    parts.append(np.asarray(doc, np.int32))
+    if eos_id is not None:
+        parts.append(np.array([eos_id], np.int32))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def wrap_documents(docs: Sequence[np.ndarray], seq_len: int, *, bos_id: int | None = None,
+                   eos_id: int | None = None) -> np.ndarray:
+    """Concatenate ``[bos] doc [eos]`` for all docs and cut into rows.
+
+    Args:
+      docs: token arrays, shapes (n_i,).
+      seq_len: row length L.
+      bos_id / eos_id: prepended / appended to every document when not None.
+    Returns:
+      int32 array (N, L) with N = total_tokens // L (the remainder is dropped).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    pieces = [_with_specials(d, bos_id, eos_id) for d in docs]
+    stream = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+    n = stream.shape[0] // seq_len
+    return stream[: n * seq_len].reshape(n, seq_len).astype(np.int32, copy=False)
+
+
+def _split_long(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    return [tokens[i: i + seq_len] for i in range(0, len(tokens), seq_len)]
+
+
+def pack_documents(docs: Sequence[np.ndarray], seq_len: int, *, bos_id: int | None = None,
+                   eos_id: int | None = None, pad_id: int = 0,
+                   max_open_rows: int = 64) -> dict[str, np.ndarray]:
+    """First-fit packing of documents into padded rows with segment ids and positions.
+
+    Each ``[bos] doc [eos]`` is cut into pieces of at most L tokens; full-length pieces become
+    rows of their own, shorter ones go into the first of (at most ``max_open_rows``) open rows
+    with room, in document order (when too many rows are open the oldest is closed).
+
+    Args:
+      docs: token arrays, shapes (n_i,).
+      seq_len: row length L.
+      bos_id / eos_id: added around every document when not None.
+      pad_id: token written on padding.
+      max_open_rows: rows kept open for first-fit.
+    Returns:
+      ``{"tokens", "segment_ids", "positions"}``, int32 arrays of shape (N, L); segment ids are
+      1.. per piece and 0 on padding, positions restart at 0 for every piece.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    rows: list[list[np.ndarray]] = []
+    open_rows: list[list[np.ndarray]] = []
+    free: list[int] = []
+    for doc in docs:
+        for piece in _split_long(_with_specials(doc, bos_id, eos_id), seq_len):
+            n = len(piece)
+            if n == 0:
+                continue
+            if n == seq_len:
+                rows.append([piece])
+                continue
+            for j, room in enumerate(free):
+                if room >= n:
+                    open_rows[j].append(piece)
+                    free[j] -= n
+                    if free[j] == 0:
+                        rows.append(open_rows.pop(j))
+                        free.pop(j)
+                    break
+            else:
+                open_rows.append([piece])
+                free.append(seq_len - n)
+                if len(open_rows) > max_open_rows:
+                    rows.append(open_rows.pop(0))
+                    free.pop(0)
+    rows.extend(open_rows)
+    n_rows = len(rows)
+    tokens = np.full((n_rows, seq_len), pad_id, np.int32)
+    segment_ids = np.zeros((n_rows, seq_len), np.int32)
+    positions = np.zeros((n_rows, seq_len), np.int32)
+    for r, pieces in enumerate(rows):
+        start = 0
+        for s, piece in enumerate(pieces, start=1):
+            end = start + len(piece)
+            tokens[r, start:end] = piece
+            segment_ids[r, start:end] = s
+            positions[r, start:end] = np.arange(len(piece), dtype=np.int32)
+            start = end
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+class _RowSource:
+    """Random-access grain source over a dict of equally long arrays; item i = {k: a[k][i]}."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self._arrays = dict(arrays)
+        lengths = {len(a) for a in self._arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"arrays must have the same length, got {lengths}")
+        self._len = lengths.pop()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: a[index] for k, a in self._arrays.items()}
+
+    def __repr__(self) -> str:
+        return f"_RowSource(n={self._len}, keys={sorted(self._arrays)})"
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming transforms (TFDS).
+# --------------------------------------------------------------------------------------------
+
+
+class _EncodeRecord(grain.transforms.Map):
+    """record[text_key] (bytes) → {"tokens": int32 [bos] ids [eos]}."""
+
+    def __init__(self, tokenizer: Tokenizer, text_key: str, bos_id, eos_id):
+        self._tok, self._key, self._bos, self._eos = tokenizer, text_key, bos_id, eos_id
+
+    def map(self, record):
+        text = record[self._key]
+        if isinstance(text, np.ndarray):
+            text = text.item() if text.ndim == 0 else text.tobytes()
+        return {"tokens": _with_specials(self._tok.encode(text), self._bos, self._eos)}
+
+
+class _SplitLong(grain.experimental.FlatMapTransform):
+    """{"tokens": (n,)} → pieces of at most seq_len tokens (n = 0 gives none)."""
+
+    def __init__(self, seq_len: int):
+        self._seq_len = seq_len
+        self.max_fan_out = 1 << 30  # not used by FlatMapIterDataset
+
+    def flat_map(self, element):
+        return [{"tokens": p} for p in _split_long(element["tokens"], self._seq_len)]
+
+
+def _wrap_output(element):
+    return {"tokens": element["tokens"].astype(np.int32)}
+
+
+def _is_full(element) -> bool:
+    return bool(element["tokens_segment_ids"][-1] != 0)
+
+
+def _pack_output(element):
+    return {"tokens": element["tokens"].astype(np.int32),
+            "segment_ids": element["tokens_segment_ids"].astype(np.int32),
+            "positions": element["tokens_positions"].astype(np.int32)}
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points.
+# --------------------------------------------------------------------------------------------
+
+
+def markov_chain(markov_vocab: int = 16, markov_order: int = 2, markov_seed: int = 0,
+                 markov_concentration: float = 0.1) -> sources_lib.MarkovChain:
+    """The chain behind ``source="markov"`` (for its exact ``entropy_rate()`` in nats/token)."""
+    return sources_lib.MarkovChain.random(markov_vocab, markov_order, markov_seed,
+                                          concentration=markov_concentration)
+
+
+def dataset_vocab_size(source: str, tokenizer: Tokenizer | None = None, *,
+                       markov_vocab: int = 16) -> int:
+    """Number of token ids the data can contain: ``markov_vocab`` or ``tokenizer.vocab_size``."""
+    if source == "markov":
+        return int(markov_vocab)
+    if tokenizer is None:
+        tokenizer = ByteTokenizer()
+    return int(tokenizer.vocab_size)
+
+
+def _local_documents(source: str, split: str, *, paths, max_bytes, text_per_line,
+                     validation_fraction, process_index, process_count) -> list[bytes]:
+    if source == "stdlib":
+        docs = sources_lib.stdlib_documents(split, max_bytes=max_bytes,
+                                            validation_fraction=validation_fraction)
+    else:
+        if not paths:
+            raise ValueError("source='text' needs paths (a glob, a list of globs, or "
+                             "{'train': ..., 'validation': ...})")
+        docs = sources_lib.text_documents(paths, split, per_line=text_per_line,
+                                          validation_fraction=validation_fraction,
+                                          max_bytes=max_bytes)
+    local = docs[process_index::process_count]
+    if not local:
+        raise ValueError(f"source={source!r} split={split!r} has {len(docs)} documents, none for "
+                         f"process_index={process_index} of process_count={process_count}")
+    return local
+
+
+def _tokenize_all(tokenizer: Tokenizer, docs: list[bytes]) -> list[np.ndarray]:
+    if type(tokenizer) is ByteTokenizer:  # noqa: E721 - exact fast path only
+        return [np.frombuffer(d, np.uint8).astype(np.int32) for d in docs]
+    return encode_documents(tokenizer, docs)
+
+
+def make_dataset(*, source: str = "stdlib", split: str = "train", seq_len: int,
+                 global_batch: int, tokenizer: Tokenizer | None = None, mode: str = "wrap",
+                 seed: int = 0, shuffle: bool = True, repeat: bool = True,
+                 process_index: int = 0, process_count: int = 1,
+                 paths: str | Sequence[str] | Mapping[str, Any] = (), tfds_name: str = "",
+                 tfds_data_dir: str = "", text_key: str = "text", max_bytes: int | None = None,
+                 text_per_line: bool = False, validation_fraction: float = 0.02,
+                 add_bos: bool = False, add_eos: bool = True,
+                 markov_order: int = 2, markov_vocab: int = 16, markov_seed: int = 0,
+                 markov_num_tokens: int = 1 << 20, markov_concentration: float = 0.1,
+                 pack_bins: int = 16, num_threads: int = 2, prefetch: int = 2
+                 ) -> grain.IterDataset:
+    """Build the host-local input pipeline.
+
+    Args:
+      source: "stdlib" (CPython's standard library, no download), "text" (local files,
+        ``paths``), "tfds" (prepared array_record dataset ``tfds_name`` under ``tfds_data_dir``;
+        preset "lm1b" maps validation → test), or "markov" (synthetic chain, no tokenizer).
+      split: "train" or "validation" (any TFDS split string for "tfds").
+      seq_len: L, tokens per row.
+      global_batch: rows per step over all hosts; each host yields ``global_batch //
+        process_count`` (must divide).
+      tokenizer: a :class:`~dlm_jax.data.tokenizers.Tokenizer`; None = byte tokenizer. Ignored
+        by "markov".
+      mode: "wrap" (concatenate and chunk) or "pack" (first-fit packing with segment ids).
+      seed: shuffle seed (per-epoch reshuffling is derived from it).
+      shuffle / repeat: shuffle rows (records for TFDS); repeat forever (False = one pass).
+      process_index / process_count: this host and the number of hosts; hosts read disjoint
+        shares (documents ``i::n``; TFDS records ``i::n``; Markov rows ``i::n``).
+      paths: globs for "text" (see :func:`sources.text_documents`).
+      tfds_name / tfds_data_dir / text_key: the TFDS dataset, its directory and text feature.
+      max_bytes: cap on the bytes read for "stdlib"/"text" (before host sharding).
+      text_per_line: "text" source: one document per line instead of per file.
+      validation_fraction: share of "stdlib"/"text" documents in validation.
+      add_bos / add_eos: put ``tokenizer.bos_id`` before / ``eos_id`` after every document.
+      markov_order / markov_vocab / markov_seed / markov_concentration: the chain (see
+        :func:`markov_chain`); markov_num_tokens: tokens generated for this split (all hosts).
+      pack_bins: packing bins for streaming "pack" mode.
+      num_threads / prefetch: reader threads and prefetch buffer (``grain.ReadOptions``); threads,
+        not processes, as grain worker processes are slower on small CPUs.
+    Returns:
+      a ``grain.IterDataset``; iterating gives dicts of int32 numpy arrays of shape
+      (global_batch // process_count, seq_len): ``{"tokens"}`` for wrap, ``{"tokens",
+      "segment_ids", "positions"}`` for pack. ``iter(ds)`` supports ``get_state``/``set_state``.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if source != "tfds" and split not in sources_lib.SPLITS:
+        raise ValueError(f"split must be one of {sources_lib.SPLITS} for source={source!r}, "
+                         f"got {split!r}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got process_index="
+                         f"{process_index}, process_count={process_count}")
+    if global_batch < 1 or global_batch % process_count:
+        raise ValueError(f"global_batch={global_batch} must be a positive multiple of "
+                         f"process_count={process_count}")
+    local_batch = global_batch // process_count
+    seed = int(seed) % 2**32
+    if tokenizer is None:
+        tokenizer = ByteTokenizer()
+    bos_id = tokenizer.bos_id if add_bos else None
+    eos_id = tokenizer.eos_id if add_eos else None
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+
+    if source == "tfds":
+        return _streaming_dataset(
+            tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, split=split, text_key=text_key,
+            tokenizer=tokenizer, mode=mode, seq_len=seq_len, local_batch=local_batch,
+            seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
+            process_count=process_count, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+            pack_bins=pack_bins, read_options=read_options)
+
+    if source == "markov":
+        chain = markov_chain(markov_vocab, markov_order, markov_seed, markov_concentration)
+        num_rows = markov_num_tokens // seq_len
+        if num_rows < process_count:
+            raise ValueError(f"markov_num_tokens={markov_num_tokens} gives {num_rows} rows of "
+                             f"seq_len={seq_len}, fewer than process_count={process_count}")
+        rows = chain.sample(num_rows, seq_len, _derive_seed("markov", markov_seed, split))
+        rows = rows[process_index::process_count]
+        arrays = {"tokens": rows}
+        if mode == "pack":
+            arrays["segment_ids"] = np.ones_like(rows)
+            arrays["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                                  rows.shape).copy()
+    else:
+        docs = _local_documents(source, split, paths=paths, max_bytes=max_bytes,
+                                text_per_line=text_per_line,
+                                validation_fraction=validation_fraction,
+                                process_index=process_index, process_count=process_count)
+        token_docs = _tokenize_all(tokenizer, docs)
+        if mode == "wrap":
+            arrays = {"tokens": wrap_documents(token_docs, seq_len, bos_id=bos_id, eos_id=eos_id)}
+        else:
+            arrays = pack_documents(token_docs, seq_len, bos_id=bos_id, eos_id=eos_id,
+                                    pad_id=pad_id)
+    num_rows = len(arrays["tokens"])
+    if num_rows < local_batch:
+        raise ValueError(
+            f"source={source!r} split={split!r}: this host has {num_rows} sequences of "
+            f"seq_len={seq_len}, fewer than one local batch of {local_batch} "
+            f"(global_batch={global_batch}, process_count={process_count}); raise max_bytes / "
+            f"markov_num_tokens or lower seq_len / global_batch")
+    ds = grain.MapDataset.source(_RowSource(arrays))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.to_iter_dataset(read_options)
+
+
+def _streaming_dataset(*, tfds_name, tfds_data_dir, split, text_key, tokenizer, mode, seq_len,
+                       local_batch, seed, shuffle, repeat, process_index, process_count, bos_id,
+                       eos_id, pad_id, pack_bins, read_options) -> grain.IterDataset:
+    src, key = sources_lib.tfds_source(tfds_name, split, tfds_data_dir, text_key=text_key)
+    if len(src) < process_count:
+        raise ValueError(f"TFDS {tfds_name!r} split {split!r} has {len(src)} records, fewer than "
+                         f"process_count={process_count}")
+    ds = grain.MapDataset.source(src)[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    ds = ds.map(_EncodeRecord(tokenizer, key, bos_id, eos_id))
+    it = ds.to_iter_dataset(read_options)
+    length = {"tokens": seq_len}
+    if mode == "wrap":
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=length)
+        it = it.filter(_is_full).map(_wrap_output)
+    else:
+        it = grain.experimental.FlatMapIterDataset(it, _SplitLong(seq_len))
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct=length, num_packing_bins=pack_bins, seed=seed,
+            shuffle_bins=shuffle, padding_struct={"tokens": pad_id})
+        it = it.map(_pack_output)
+    return it.batch(local_batch, drop_remainder=True)
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
+    """Host-local numpy batch → global ``jax.Array`` s.
+
+    Args:
+      batch: dict of arrays of shape (B_local, ...) from this host's iterator.
+      sharding: a ``jax.sharding.Sharding`` for the global (B_local * process_count, ...) arrays,
+        typically ``NamedSharding(mesh, P(("data", "fsdp")))``.
+    Returns:
+      dict of global ``jax.Array`` s built with ``jax.make_array_from_process_local_data``.
+    """
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}

@@ -1,0 +1,475 @@
+"""Tests of the data layer: tokenizers, sources, grain pipelines, TFDS build, Markov entropy."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from dlm_jax.data import build_tfds, pipeline, sources, tokenizers
+from dlm_jax.data import make_dataset, make_tokenizer
+
+# ------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------
+
+TEXTS = ["hello world", "Grüße, 世界! ünïcödé", "", "tabs\tand\nnewlines\r\n", "x" * 50,
+         "def f(x):\n    return x ** 2  # comment"]
+
+
+def _write_gpt2_files(folder):
+    """A tiny GPT-2-style encoder.json / vocab.bpe: the 256 byte tokens plus six merges."""
+    b2u = tokenizers.gpt2_byte_to_unicode()
+    encoder = {b2u[b]: b for b in range(256)}
+    merges = ["h e", "l l", "he ll", "Ġ w", "o r", "Ġw or"]
+    for i, m in enumerate(merges):
+        encoder[m.replace(" ", "")] = 256 + i
+    encoder["<|endoftext|>"] = 256 + len(merges)
+    with open(os.path.join(folder, "encoder.json"), "w", encoding="utf-8") as f:
+        json.dump(encoder, f, ensure_ascii=False)
+    with open(os.path.join(folder, "vocab.bpe"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def _write_text_files(folder, n_files=6, lines_per_file=5):
+    """Files with unique lines: 'file{i} line{j} ...'. Returns {relative name: content}."""
+    contents = {}
+    for i in range(n_files):
+        lines = [f"file{i} line{j} " + "abc" * (i + j) for j in range(lines_per_file)]
+        text = "\n".join(lines) + "\n"
+        name = f"doc_{i}.txt"
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+        contents[name] = text
+    return contents
+
+
+def _all_batches(ds):
+    return list(iter(ds))
+
+
+def _segments(batch):
+    """All (tokens of one segment) tuples in a packed batch, checking the layout on the way."""
+    out = []
+    for tok, seg, pos in zip(batch["tokens"], batch["segment_ids"], batch["positions"]):
+        nseg = seg.max()
+        # segments are contiguous, numbered 1..nseg from the left, padding (0) only at the end.
+        nonpad = seg > 0
+        assert np.all(nonpad[: nonpad.sum()]), seg
+        assert np.all(np.diff(seg[nonpad]) >= 0) and np.all(np.diff(seg[nonpad]) <= 1), seg
+        if nseg:
+            assert seg[0] == 1
+        assert np.all(pos[~nonpad] == 0)
+        for s in range(1, nseg + 1):
+            m = seg == s
+            np.testing.assert_array_equal(pos[m], np.arange(m.sum()))
+            out.append(tuple(tok[m].tolist()))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizers
+# ------------------------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = tokenizers.ByteTokenizer()
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (258, 256, 257, None)
+    for t in TEXTS:
+        ids = tok.encode(t)
+        assert ids.dtype == np.int32 and ids.shape == (len(t.encode()),)
+        assert tok.decode(ids) == t
+        np.testing.assert_array_equal(tok.encode(t.encode()), ids)
+    ids = np.concatenate([[tok.bos_id], tok.encode("ab"), [tok.eos_id, 258]])
+    assert tok.decode(ids) == "ab\ufffd"
+    assert tok.decode(ids, skip_special_tokens=False) == "<|bos|>ab<|eos|>\ufffd"
+    assert tok.decode([0xFF, 0x41]) == "\ufffdA"  # invalid UTF-8 is replaced, not raised
+
+
+def test_tiktoken_bpe_from_handmade_files(tmp_path):
+    tok = make_tokenizer("gpt2", _write_gpt2_files(str(tmp_path)))
+    assert tok.vocab_size == 263 and tok.eos_id == tok.bos_id == 262
+    ids = tok.encode("hello world")
+    # "hello" → [hell, o]; " world" → [Ġwor, l, d]
+    assert ids.tolist() == [258, ord("o"), 261, ord("l"), ord("d")]
+    for t in TEXTS:
+        assert tok.decode(tok.encode(t)) == t
+    assert [a.tolist() for a in tok.encode_batch(["hello", b" world"])] == [[258, 111],
+                                                                           [261, 108, 100]]
+    # special-token text is encoded as ordinary text; the id decodes only when asked.
+    assert 262 not in tok.encode("<|endoftext|>").tolist()
+    assert tok.decode([258, 262], skip_special_tokens=False) == "hell<|endoftext|>"
+    assert tok.decode([258, 262]) == "hell"
+
+
+def test_hf_tokenizer_json_built_in_test(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    hf.train_from_iterator(["hello world"] * 20 + TEXTS * 5, trainer=trainer)
+    path = str(tmp_path / "tokenizer.json")
+    hf.save(path)
+    for tok in (make_tokenizer("hf", path), make_tokenizer("hf", str(tmp_path))):
+        assert tok.eos_id == tok.bos_id == 0 and tok.vocab_size == hf.get_vocab_size()
+        for t in TEXTS:
+            assert tok.decode(tok.encode(t)) == t
+        assert len(tok.encode("hello world")) < len("hello world")
+        batch = tok.encode_batch(TEXTS)
+        assert all(np.array_equal(a, tok.encode(t)) for a, t in zip(batch, TEXTS))
+        assert tok.decode(np.concatenate([tok.encode("hi"), [tok.eos_id]])) == "hi"
+
+
+def test_bert_vocab_txt(tmp_path):
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "##s", "!"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = make_tokenizer("bert", str(tmp_path / "vocab.txt"))
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (9, 2, 3, 0)
+    ids = tok.encode("Hello worlds!")
+    assert ids.tolist() == [5, 6, 7, 8]  # lowercased, no [CLS]/[SEP] template
+    assert tok.decode(np.r_[2, ids, 3]) == "hello worlds!"
+
+
+def test_make_tokenizer_errors(tmp_path):
+    assert isinstance(make_tokenizer("byte"), tokenizers.ByteTokenizer)
+    with pytest.raises(ValueError, match="unknown tokenizer name 'sentencepiece'"):
+        make_tokenizer("sentencepiece")
+    with pytest.raises(ValueError, match="encoder.json"):
+        make_tokenizer("gpt2", "")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        make_tokenizer("gpt2", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        make_tokenizer("gpt2", str(tmp_path))  # exists, but holds no files
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        make_tokenizer("hf", str(tmp_path))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write_gpt2_files(str(bad))
+    (bad / "vocab.bpe").write_text("#version: 0.2\nl l\nh e\n")  # out of id order
+    with pytest.raises(ValueError, match="out of merge order"):
+        make_tokenizer("gpt2", str(bad))
+
+
+# ------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------
+
+
+def test_stdlib_split_deterministic_and_disjoint():
+    keys = sources.stdlib_keys()
+    assert keys == sources.stdlib_keys()
+    train, val = set(keys["train"]), set(keys["validation"])
+    assert train and val and not (train & val)
+    assert 0.005 < len(val) / (len(train) + len(val)) < 0.05
+    all_keys = train | val
+    assert any(k.startswith("pydoc_data/topics.py:") for k in all_keys)
+    assert "pydoc_data/topics.py" not in all_keys
+    for k in all_keys:
+        parts = k.split(":")[0].split("/")
+        assert not {"test", "tests", "idle_test", "site-packages"} & set(parts), k
+    docs, dkeys = sources.stdlib_documents("validation", max_bytes=50_000, return_keys=True)
+    assert sum(map(len, docs)) == 50_000 and set(dkeys) <= val
+    assert docs == sources.stdlib_documents("validation", max_bytes=50_000)
+    assert dkeys == keys["validation"][: len(dkeys)]
+
+
+def test_tfds_presets():
+    assert sources.resolve_tfds("lm1b", "validation") == ("lm1b", "test", "text")
+    assert sources.resolve_tfds("lm1b", "train") == ("lm1b", "train", "text")
+    assert sources.resolve_tfds("my_set", "train[:10%]", "body") == ("my_set", "train[:10%]", "body")
+    with pytest.raises(ValueError, match="tfds_name"):
+        sources.resolve_tfds("", "train")
+
+
+def test_text_source(tmp_path):
+    contents = _write_text_files(str(tmp_path))
+    glob = str(tmp_path / "*.txt")
+    train, tkeys = sources.text_documents(glob, "train", return_keys=True)
+    val, vkeys = sources.text_documents(glob, "validation", return_keys=True)
+    assert len(val) >= 1 and not set(tkeys) & set(vkeys)
+    assert sorted(tkeys + vkeys) == sorted(contents)
+    assert {d.decode() for d in train + val} == set(contents.values())
+    lines = sources.text_documents([glob], "train", per_line=True) + sources.text_documents(
+        [glob], "validation", per_line=True)
+    assert sorted(d.decode() for d in lines) == sorted(
+        line for t in contents.values() for line in t.splitlines())
+    by_split = sources.text_documents({"train": str(tmp_path / "doc_[0-3].txt"),
+                                       "validation": str(tmp_path / "doc_5.txt")}, "validation")
+    assert by_split == [contents["doc_5.txt"].encode()]
+    missing = str(tmp_path / "nothing*.md")
+    with pytest.raises(FileNotFoundError, match="nothing\\*.md"):
+        sources.text_documents(missing, "train")
+    with pytest.raises(ValueError, match="per_line=True"):
+        sources.text_documents(str(tmp_path / "doc_0.txt"), "train")
+
+
+# ------------------------------------------------------------------------------------------
+# Pipelines
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_wrap_chunks_and_eos(tmp_path, add_bos):
+    _write_text_files(str(tmp_path))
+    tok = tokenizers.ByteTokenizer()
+    docs = sources.text_documents(str(tmp_path / "*.txt"), "train", per_line=True)
+    ds = make_dataset(source="text", split="train", seq_len=16, global_batch=1, tokenizer=tok,
+                      paths=str(tmp_path / "*.txt"), text_per_line=True, shuffle=False,
+                      repeat=False, add_bos=add_bos)
+    batches = _all_batches(ds)
+    assert all(set(b) == {"tokens"} and b["tokens"].shape == (1, 16) and
+               b["tokens"].dtype == np.int32 for b in batches)
+    stream = np.concatenate([b["tokens"][0] for b in batches])
+    expected = np.concatenate([np.r_[[256] * add_bos, tok.encode(d), 257] for d in docs])
+    assert len(expected) - 16 < len(stream) <= len(expected)
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    # EOS exactly at the end of every document, BOS (if asked) at every start.
+    ends = np.cumsum([len(d) + 1 + add_bos for d in docs]) - 1
+    assert set(np.flatnonzero(stream == 257)) == {e for e in ends if e < len(stream)}
+    if add_bos:
+        starts = np.r_[0, ends[:-1] + 1]
+        assert set(np.flatnonzero(stream == 256)) == {s for s in starts if s < len(stream)}
+
+
+def test_pack_segments_and_positions(tmp_path):
+    _write_text_files(str(tmp_path), n_files=4, lines_per_file=8)
+    tok = tokenizers.ByteTokenizer()
+    glob = str(tmp_path / "*.txt")
+    docs = sources.text_documents(glob, "train", per_line=True)
+    seq_len = 24
+    ds = make_dataset(source="text", split="train", seq_len=seq_len, global_batch=1,
+                      tokenizer=tok, paths=glob, text_per_line=True, mode="pack", shuffle=False,
+                      repeat=False)
+    batches = _all_batches(ds)
+    assert all(set(b) == {"tokens", "segment_ids", "positions"} for b in batches)
+    segs = [s for b in batches for s in _segments(b)]
+    expected = [tuple(p.tolist()) for d in docs
+                for p in pipeline._split_long(np.r_[tok.encode(d), 257], seq_len)]
+    assert sorted(segs) == sorted(expected)
+    pad = np.concatenate([b["tokens"][b["segment_ids"] == 0] for b in batches])
+    assert np.all(pad == tok.eos_id)
+    fill = np.mean([np.mean(b["segment_ids"] > 0) for b in batches])
+    assert fill > 0.8
+
+
+def test_tfds_build_and_read_back(tmp_path):
+    data = tmp_path / "text"
+    data.mkdir()
+    contents = _write_text_files(str(data), n_files=8)
+    out = tmp_path / "tfds"
+    assert build_tfds.main(["--input", str(data / "*.txt"), "--output", str(out), "--name",
+                            "tiny_text", "--validation_fraction", "0.25"]) == 0
+    import tensorflow_datasets as tfds
+
+    srcs = tfds.data_source("tiny_text", data_dir=str(out), download=False)
+    got = {split: sorted(srcs[split][i]["text"].decode() for i in range(len(srcs[split])))
+           for split in ("train", "validation")}
+    want = {split: sorted(d.decode() for d in sources.text_documents(
+        str(data / "*.txt"), split, validation_fraction=0.25)) for split in ("train", "validation")}
+    assert got == want and sorted(got["train"] + got["validation"]) == sorted(contents.values())
+    builder = tfds.builder_from_directory(str(out / "tiny_text" / "1.0.0"))
+    assert len(builder.as_data_source(split="train")) == len(got["train"])
+
+    tok = tokenizers.ByteTokenizer()
+    ds = make_dataset(source="tfds", split="train", seq_len=256, global_batch=1, tokenizer=tok,
+                      mode="pack", tfds_name="tiny_text", tfds_data_dir=str(out),
+                      shuffle=False, repeat=False)
+    texts = sorted(tok.decode(s) for b in _all_batches(ds) for s in _segments(b))
+    assert texts == got["train"]
+    # wrap through ConcatThenSplit: the token stream is the records with EOS, in record order.
+    ds = make_dataset(source="tfds", split="train", seq_len=32, global_batch=2, tokenizer=tok,
+                      tfds_name="tiny_text", tfds_data_dir=str(out), shuffle=False,
+                      repeat=False)
+    stream = np.concatenate([b["tokens"].reshape(-1) for b in _all_batches(ds)])
+    records = [srcs["train"][i]["text"] for i in range(len(srcs["train"]))]
+    expected = np.concatenate([np.r_[tok.encode(r), 257] for r in records])
+    assert len(stream) > 0 and len(stream) % 64 == 0
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    with pytest.raises(FileNotFoundError, match="no_such_set"):
+        make_dataset(source="tfds", split="train", seq_len=8, global_batch=1,
+                     tfds_name="no_such_set", tfds_data_dir=str(out))
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds_state")
+    data = root / "text"
+    data.mkdir()
+    _write_text_files(str(data), n_files=5, lines_per_file=12)
+    out = root / "tfds"
+    build_tfds.build_text_dataset(str(data / "*.txt"), str(out), name="state_text",
+                                  per_line=True)
+    return str(out)
+
+
+def _state_roundtrip(make, n=5, m=7):
+    it = iter(make())
+    for _ in range(n):
+        next(it)
+    state = it.get_state()
+    after = [next(it) for _ in range(m)]
+    fresh = iter(make())
+    fresh.set_state(state)
+    for want in after:
+        got = next(fresh)
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    return state
+
+
+@pytest.mark.parametrize("mode", ["wrap", "pack"])
+def test_iterator_state_roundtrip_in_memory(mode):
+    state = _state_roundtrip(lambda: make_dataset(
+        source="stdlib", split="validation", seq_len=64, global_batch=4, mode=mode,
+        max_bytes=20_000, seed=3))
+    json.dumps(state)  # the state is plain JSON (what grain's orbax handler writes)
+
+
+@pytest.mark.parametrize("mode", ["wrap", "pack"])
+def test_iterator_state_roundtrip_tfds(tiny_tfds, mode):
+    # small data, many epochs: the resumed stream crosses epoch boundaries and packing bins.
+    _state_roundtrip(lambda: make_dataset(
+        source="tfds", split="train", seq_len=48, global_batch=3, mode=mode,
+        tfds_name="state_text", tfds_data_dir=tiny_tfds, seed=1, pack_bins=4), n=9, m=12)
+
+
+def test_iterator_orbax_checkpoint(tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    def make():
+        return make_dataset(source="markov", split="train", seq_len=32, global_batch=4,
+                            markov_num_tokens=32 * 64, seed=5)
+
+    it = iter(make())
+    for _ in range(3):
+        next(it)
+    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    mngr.save(3, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    want = next(it)
+    fresh = iter(make())
+    mngr.restore(3, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(fresh)))
+    np.testing.assert_array_equal(next(fresh)["tokens"], want["tokens"])
+
+
+def test_host_sharding_disjoint(tmp_path, tiny_tfds):
+    _write_text_files(str(tmp_path), n_files=6, lines_per_file=6)
+    glob = str(tmp_path / "*.txt")
+    common = dict(split="train", seq_len=64, global_batch=2, mode="pack", shuffle=False,
+                  repeat=False)
+    per_host = [{s for b in _all_batches(make_dataset(
+        source="text", paths=glob, text_per_line=True, process_index=i, process_count=2,
+        **common)) for s in _segments(b)} for i in range(2)]
+    alone = {s for b in _all_batches(make_dataset(source="text", paths=glob, text_per_line=True,
+                                                  **{**common, "global_batch": 1}))
+             for s in _segments(b)}
+    assert per_host[0] and per_host[1] and not per_host[0] & per_host[1]
+    assert per_host[0] | per_host[1] == alone  # lines are shorter than seq_len: one piece each
+    assert all(b["tokens"].shape == (1, 64) for b in _all_batches(make_dataset(
+        source="text", paths=glob, text_per_line=True, process_index=1, process_count=2,
+        **common)))
+    tfds_hosts = [{s for b in _all_batches(make_dataset(
+        source="tfds", tfds_name="state_text", tfds_data_dir=tiny_tfds, process_index=i,
+        process_count=2, **common)) for s in _segments(b)} for i in range(2)]
+    assert tfds_hosts[0] and tfds_hosts[1] and not tfds_hosts[0] & tfds_hosts[1]
+    markov_hosts = [{tuple(r) for b in _all_batches(make_dataset(
+        source="markov", split="train", seq_len=32, global_batch=4, markov_num_tokens=32 * 40,
+        repeat=False, shuffle=False, process_index=i, process_count=2)) for r in b["tokens"]}
+        for i in range(2)]
+    assert len(markov_hosts[0]) == len(markov_hosts[1]) == 20
+    assert not markov_hosts[0] & markov_hosts[1]
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        make_dataset(source="markov", seq_len=8, global_batch=3, process_count=2)
+
+
+def test_shuffle_and_repeat_stdlib():
+    kw = dict(source="stdlib", split="validation", seq_len=128, global_batch=8, max_bytes=40_000)
+    once = _all_batches(make_dataset(shuffle=False, repeat=False, **kw))
+    n_rows = 40_000 // 128
+    assert len(once) == n_rows // 8
+    shuffled = iter(make_dataset(seed=0, **kw))
+    epoch1 = np.concatenate([next(shuffled)["tokens"] for _ in range(len(once))])
+    rows = np.concatenate([b["tokens"] for b in once])
+    assert not np.array_equal(epoch1, rows)
+    # the first epoch is a permutation of the rows (39 batches of 8 = all 312 rows).
+    assert sorted(r.tobytes() for r in epoch1) == sorted(r.tobytes() for r in rows)
+    epoch2 = np.concatenate([next(shuffled)["tokens"] for _ in range(len(once))])
+    assert not np.array_equal(epoch2, epoch1)  # reshuffled every epoch
+    other_seed = next(iter(make_dataset(seed=1, **kw)))["tokens"]
+    assert not np.array_equal(other_seed, epoch1[:8])
+    assert pipeline.dataset_vocab_size("stdlib") == 258
+    with pytest.raises(ValueError, match="fewer than one local batch"):
+        make_dataset(source="stdlib", split="validation", seq_len=128, global_batch=64,
+                     max_bytes=1000)
+
+
+def test_to_global():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    batch = next(iter(make_dataset(source="markov", seq_len=16, global_batch=8,
+                                   markov_num_tokens=16 * 32, mode="pack")))
+    out = pipeline.to_global(batch, NamedSharding(mesh, P("data")))
+    for k, v in batch.items():
+        assert out[k].shape == v.shape and out[k].dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(out[k]), v)
+
+
+# ------------------------------------------------------------------------------------------
+# Markov source
+# ------------------------------------------------------------------------------------------
+
+
+def _h(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_markov_entropy_rate_hand_computed():
+    a, b = 0.1, 0.3
+    chain = sources.MarkovChain(np.array([[1 - a, a], [b, 1 - b]]), order=1)
+    np.testing.assert_allclose(chain.stationary(), [b / (a + b), a / (a + b)], atol=1e-12)
+    np.testing.assert_allclose(chain.stationary("power"), chain.stationary("solve"), atol=1e-10)
+    want = b / (a + b) * _h([a, 1 - a]) + a / (a + b) * _h([b, 1 - b])
+    assert chain.entropy_rate() == pytest.approx(want, abs=1e-12)
+    # order 2 over {0,1} where x_t = x_{t-2} xor noise(0.2): π uniform, rate H(0.2).
+    rows = np.array([[0.8, 0.2], [0.8, 0.2], [0.2, 0.8], [0.2, 0.8]])  # state = 2 x_{t-2} + x_{t-1}
+    chain2 = sources.MarkovChain(rows, order=2)
+    np.testing.assert_allclose(chain2.stationary(), np.full(4, 0.25), atol=1e-12)
+    assert chain2.entropy_rate() == pytest.approx(_h([0.2, 0.8]), abs=1e-12)
+
+
+def test_markov_entropy_rate_monte_carlo():
+    chain = pipeline.markov_chain(markov_vocab=8, markov_order=2, markov_seed=0)
+    np.testing.assert_allclose(chain.stationary("power"), chain.stationary("solve"), atol=1e-10)
+    rate = chain.entropy_rate()
+    assert 0.2 * math.log(8) < rate < 0.8 * math.log(8)
+    seqs = chain.sample(64, 4096, seed=1)
+    assert seqs.dtype == np.int32 and seqs.min() >= 0 and seqs.max() < 8
+    nll = -chain.log_prob(seqs).mean()
+    assert nll == pytest.approx(rate, rel=0.03)
+    # whole short segments: mean −log p(x_1..x_L) equals the exact segment entropy.
+    short = chain.sample(20000, 6, seed=2)
+    pi = chain.stationary()
+    first = pi[short[:, 0] * 8 + short[:, 1]]
+    seg_nll = -(np.log(first) + chain.log_prob(short).sum(1)).mean()
+    assert seg_nll == pytest.approx(chain.sequence_entropy(6), rel=0.03)
+    # the pipeline serves exactly these rows (train and validation differ).
+    ds = make_dataset(source="markov", split="train", seq_len=64, global_batch=4,
+                      markov_vocab=8, markov_order=2, markov_num_tokens=64 * 16, shuffle=False,
+                      repeat=False, tokenizer=tokenizers.ByteTokenizer())
+    rows = np.concatenate([b["tokens"] for b in _all_batches(ds)])
+    assert rows.shape == (16, 64) and rows.max() < 8
+    val = next(iter(make_dataset(source="markov", split="validation", seq_len=64,
+                                 global_batch=4, markov_vocab=8, markov_num_tokens=64 * 16,
+                                 shuffle=False)))["tokens"]
+    assert not np.array_equal(val, rows[:4])
+    assert pipeline.dataset_vocab_size("markov", markov_vocab=8) == 8
