@@ -13,7 +13,6 @@ can still be set on its own, so combinations no paper ran are a config change:
   sedd    absorbing or uniform process, score entropy           (objective "score_entropy")
   d3pm    discrete-time uniform/absorbing, VLB + λ·CE           (objective "d3pm")
 """
-from __future__ import annotations
 
 import dataclasses
 import json

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from dlm_jax.config import Config, block_size
 from dlm_jax.objectives.ar import ar_nll
 from dlm_jax.objectives.nelbo import mdlm_loss
-from dlm_jax.objectives.score_entropy import scale_by_sigma_offset, score_entropy
+from dlm_jax.models.heads import sedd_log_score
+from dlm_jax.objectives.score_entropy import score_entropy
 from dlm_jax.processes import corruption, schedules
 
 Array = jax.Array
@@ -37,19 +38,6 @@ def _token_weights(batch: dict) -> Array:
     if "segment_ids" in batch:
         return (batch["segment_ids"] > 0).astype(jnp.float32)
     return jnp.ones(tokens.shape, jnp.float32)
-
-
-def sedd_log_scores(raw: Array, xt: Array, sigma_bar: Array, *, scale_by_sigma: bool) -> Array:
-    """Log-scores (B, L, S) from raw outputs, with per-token σ̄ (B, L) for the σ scaling.
-
-    The current token's entry is 0 (ratio 1). Per-token σ̄ lets block-wise score entropy use each
-    block's own noise level.
-    """
-    out = raw.astype(jnp.float32)
-    if scale_by_sigma:
-        out = out + scale_by_sigma_offset(sigma_bar, out.shape[-1])[..., None]
-    own = jax.nn.one_hot(xt, out.shape[-1], dtype=jnp.bool_)
-    return jnp.where(own, 0.0, out)
 
 
 def diffusion_forward(model, xt: Array, x0: Array, sigma: Array, block: int, *,
@@ -90,7 +78,7 @@ def continuous_terms(cfg: Config, model, process, schedule: schedules.Schedule, 
     else:
         sigma_bar = schedule.sigma_bar(t)
         scale = cfg.model.scale_by_sigma and getattr(process, "mask_id", None) is not None
-        log_score = sedd_log_scores(raw, xt, sigma_bar, scale_by_sigma=scale)
+        log_score = sedd_log_score(raw, xt, sigma_bar, scale_by_sigma=scale)
         per_token, aux = score_entropy(process, log_score, xt, x0, sigma_bar, schedule.sigma(t))
     return per_token, t_blocks, aux
 

@@ -33,8 +33,17 @@ def resolve_mesh_shape(shape: tuple, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A mesh over `devices` (default: all) with Auto axes named `cfg.axes`."""
-    devices = list(devices if devices is not None else jax.devices())
+    """A mesh over `devices` with Auto axes named `cfg.axes`.
+
+    By default all devices; on a single host a fully specified smaller shape (e.g. (1, 1, 1))
+    takes the first devices.
+    """
+    if devices is None:
+        devices = jax.devices()
+        wanted = math.prod(cfg.shape)
+        if -1 not in cfg.shape and jax.process_count() == 1 and 0 < wanted < len(devices):
+            devices = devices[:wanted]  # an explicit smaller mesh on one host: the first devices
+    devices = list(devices)
     shape = resolve_mesh_shape(tuple(cfg.shape), len(devices))
     return jax.make_mesh(shape, tuple(cfg.axes), axis_types=(AxisType.Auto,) * len(shape),
                          devices=devices)
@@ -69,9 +78,9 @@ def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh, rules) -> P:
 
 
 def param_shardings(abstract_state: nnx.State, mesh, rules) -> Any:
-    """Pure-dict tree of NamedShardings matching `abstract_state.to_pure_dict()`."""
-    logical = nnx.get_partition_spec(abstract_state).to_pure_dict()
-    shapes = jax.tree.map(lambda x: x.shape, abstract_state.to_pure_dict())
+    """Pure-dict tree of NamedShardings matching `nnx.to_pure_dict(abstract_state)`."""
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+    shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract_state))
     return jax.tree.map(
         lambda spec, shape: NamedSharding(mesh, logical_to_spec(tuple(spec), shape, mesh, rules)
                                           if len(spec) else P()),

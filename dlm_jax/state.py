@@ -1,6 +1,6 @@
 """The train state pytree, the optimizer and the EMA update.
 
-Parameters live as a pure nested dict (`nnx.State.to_pure_dict()`), so the state is a plain
+Parameters live as a pure nested dict (`nnx.to_pure_dict(state)`), so the state is a plain
 pytree: optax, orbax and sharding see arrays, and renaming a module class never breaks an old
 checkpoint. The model is rebuilt inside jitted code with `nnx.merge(graphdef, params)`.
 """

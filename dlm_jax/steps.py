@@ -58,7 +58,7 @@ def make_train_step(cfg: Config, graphdef, loss_fn, tx: optax.GradientTransforma
             ema = ema_update(ema, params, state.step, cfg.optim.ema_decay)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                ema_params=ema)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
         return new_state, metrics
 
     return train_step

@@ -62,9 +62,9 @@ class Trainer:
         self.graphdef, abstract_params = nnx.split(abstract_model)
         self.param_sh = sharding.param_shardings(abstract_params, self.mesh, self.rules)
         self.num_params = sum(math.prod(x.shape) for x in
-                              jax.tree.leaves(abstract_params.to_pure_dict()))
+                              jax.tree.leaves(nnx.to_pure_dict(abstract_params)))
         self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-        abstract = abstract_state(abstract_params.to_pure_dict(), self.tx, cfg.optim.ema_decay)
+        abstract = abstract_state(nnx.to_pure_dict(abstract_params), self.tx, cfg.optim.ema_decay)
         self.state_sh = state_shardings(abstract, self.param_sh, self.tx, self.mesh)
         self.abstract_state = abstract_with_shardings(abstract, self.state_sh)
 
@@ -86,7 +86,7 @@ class Trainer:
 
         def init():
             model = registry.build_model(cfg, self.token_vocab, nnx.Rngs(cfg.train.seed))
-            params = nnx.split(model)[1].to_pure_dict()
+            params = nnx.to_pure_dict(nnx.split(model)[1])
             return init_state(params, self.tx, cfg.optim.ema_decay)
 
         # No mesh context here: parameters are created unsharded and placed by out_shardings.

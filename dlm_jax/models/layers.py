@@ -1,0 +1,311 @@
+"""Transformer building blocks for the DiT-style backbone (Flax NNX, used functionally).
+
+Equations follow `shared/research/architectures.md` §1 (bd3lms DiT / SEDD DDiT): weight-only
+LayerNorm in float32 (eps 1e-5), adaLN modulation `LN(x)·(1 + scale) + shift`, half-split
+(GPT-NeoX) rotary embeddings on q and k only, tanh-GELU MLP ×4 with biases, and the 256-feature
+σ embedder (cos first) followed by Linear → SiLU → Linear (the model applies one more SiLU).
+
+Shapes: B batch, L length (Lq queries, Lk keys), D width, H heads, Dh = D / H head width,
+C cond_dim, F σ-feature count (256), V vocabulary.
+
+Numerics: parameters are float32 (``param_dtype``); matmuls run in ``dtype`` (e.g. bfloat16) with
+inputs and kernels cast to it; LayerNorm, rotary tables, the σ embedder, the adaLN modulation and
+the attention softmax are computed in float32. Callers keep the residual stream in float32.
+
+Logical axis names. Every parameter carries ``out_sharding`` metadata naming its axes, so that one
+rules table (``sharding.py``) can map them to mesh axes:
+
+  ``vocab``        vocabulary rows of the embedding / columns of the output head (V)
+  ``embed``        model width D (residual stream)
+  ``mlp``          MLP hidden width (mlp_ratio · D)
+  ``heads``        attention heads H
+  ``kv``           per-head width Dh
+  ``qkv``          the size-3 q/k/v axis of the fused projection (never sharded)
+  ``modulation``   the 6 (block) or 2 (final layer) adaLN chunks (never sharded)
+  ``freq``         σ sinusoid features F (never sharded)
+  ``cond_hidden``  hidden width C of the σ embedder's MLP
+  ``cond``         conditioning width C fed to the adaLN layers
+
+Parameters are always created with ``eager_sharding=False``: they are plain arrays that carry the
+names, so models build anywhere (tests, CPU, under any mesh context, with or without logical rules)
+and ``sharding.py`` places them (``nnx.get_partition_spec`` + its rules table, jit out_shardings).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+DType = jnp.dtype | type
+
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv", "qkv", "modulation", "freq",
+                "cond_hidden", "cond")
+
+LN_EPS = 1e-5
+ROPE_BASE = 1e4
+SIGMA_FEATURES = 256
+SIGMA_MAX_PERIOD = 1e4
+
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str | None],
+               param_dtype: DType = jnp.float32) -> nnx.Param:
+    """Creates an `nnx.Param` of `shape` initialised by `init`, tagged with logical axis `names`."""
+    assert len(names) == len(shape), (names, shape)
+    for n in names:
+        assert n is None or n in LOGICAL_AXES, n
+    value = init(rngs.params(), tuple(shape), param_dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def torch_like_init(in_axis=-2, out_axis=-1):
+    """Initializer with variance 1/(3·fan_in) (torch's default nn.Linear), uniform."""
+    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                             in_axis=in_axis, out_axis=out_axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Simple layers
+# ---------------------------------------------------------------------------------------------
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias. kernel (Din, Dout) float32, matmul in `dtype`, output in `dtype`."""
+
+    def __init__(self, din: int, dout: int, names: tuple[str | None, str | None], *,
+                 use_bias: bool = True, zero_init: bool = False, dtype: DType = jnp.float32,
+                 param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = make_param(rngs, zeros if zero_init else torch_like_init(), (din, dout),
+                                 names, param_dtype)
+        self.bias = make_param(rngs, zeros, (dout,), (names[1],), param_dtype) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        """(..., Din) -> (..., Dout) in `dtype`."""
+        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table E (V, D); lookup returns float32 rows `E[tokens]`."""
+
+    def __init__(self, vocab_size: int, width: int, *, param_dtype: DType = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.embedding = make_param(rngs, torch_like_init(in_axis=-1, out_axis=-2),
+                                    (vocab_size, width), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, tokens: Array) -> Array:
+        """(B, L) int -> (B, L, D) float32."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+    """Weight-only LayerNorm (no bias), computed in float32, eps 1e-5, biased variance."""
+
+    def __init__(self, width: int, *, eps: float = LN_EPS, param_dtype: DType = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = make_param(rngs, ones, (width,), ("embed",), param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """(..., D) -> (..., D) float32."""
+        x = x.astype(jnp.float32)
+        mu = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """adaLN: x (B, L, D) · (1 + scale (B, D)) + shift (B, D), broadcast over L."""
+    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class Modulation(nnx.Module):
+    """adaLN(-zero) projection c (B, C) -> n chunks (B, n, D); zero-initialised, float32.
+
+    kernel (C, n, D) is torch's `adaLN_modulation.weight` (n·D, C) transposed and reshaped, so chunk
+    j of the output is torch output rows j·D … (j+1)·D − 1 (shift, scale, gate, … in order).
+    """
+
+    def __init__(self, cond_dim: int, n: int, width: int, *, param_dtype: DType = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.kernel = make_param(rngs, zeros, (cond_dim, n, width), ("cond", "modulation", "embed"),
+                                 param_dtype)
+        self.bias = make_param(rngs, zeros, (n, width), ("modulation", "embed"), param_dtype)
+
+    def __call__(self, c: Array) -> Array:
+        """(B, C) float32 -> (B, n, D) float32."""
+        return (jnp.einsum("bc,cnd->bnd", c.astype(jnp.float32),
+                           self.kernel[...].astype(jnp.float32))
+                + self.bias[...].astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# σ conditioning
+# ---------------------------------------------------------------------------------------------
+
+def sigma_features(sigma: Array, dim: int = SIGMA_FEATURES,
+                   max_period: float = SIGMA_MAX_PERIOD) -> Array:
+    """Sinusoid features of σ, cos first: (B,) -> (B, dim) float32.
+
+    f_j = exp(−ln(max_period)·j/half), φ(σ) = [cos(σ f), sin(σ f)] (zero-padded if dim is odd).
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = sigma.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class SigmaEmbedder(nnx.Module):
+    """σ (B,) -> Linear_{F→C} → SiLU → Linear_{C→C}, float32 (the caller applies the outer SiLU)."""
+
+    def __init__(self, cond_dim: int, *, features: int = SIGMA_FEATURES,
+                 param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.features = features
+        self.fc1 = Dense(features, cond_dim, ("freq", "cond_hidden"), param_dtype=param_dtype,
+                         rngs=rngs)
+        self.fc2 = Dense(cond_dim, cond_dim, ("cond_hidden", "cond"), param_dtype=param_dtype,
+                         rngs=rngs)
+
+    def __call__(self, sigma: Array) -> Array:
+        """(B,) -> (B, C) float32."""
+        return self.fc2(jax.nn.silu(self.fc1(sigma_features(sigma, self.features))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings (half-split / rotate_half, GPT-NeoX style)
+# ---------------------------------------------------------------------------------------------
+
+def rotary_inv_freq(head_dim: int, base: float = ROPE_BASE) -> Array:
+    """inv_freq_j = base^(−2j/Dh), j < Dh/2: (Dh/2,) float32 (torch's `rotary_emb.inv_freq`)."""
+    return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rotary_cos_sin(positions: Array, head_dim: int, base: float = ROPE_BASE) -> tuple[Array, Array]:
+    """Rotary tables for integer positions (..., L) -> cos, sin (..., L, Dh) float32.
+
+    Angles θ_{p,j} = p·inv_freq_j are concatenated with themselves over the full head width.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * rotary_inv_freq(head_dim, base)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """x (B, L, H, Dh), cos/sin (B|1, L, Dh) -> x·cos + rotate_half(x)·sin, in x's dtype.
+
+    rotate_half([a, b]) = [−b, a] with a = dims < Dh/2, b = the rest (computed in float32).
+    """
+    xf = x.astype(jnp.float32)
+    a, b = jnp.split(xf, 2, axis=-1)
+    rot = jnp.concatenate([-b, a], axis=-1)
+    out = xf * cos[:, :, None, :] + rot * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Softmax attention, scale 1/sqrt(Dh), softmax in float32.
+
+    q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk) (True = may attend) or None
+    (full). Returns (B, Lq, H, Dh) in q's dtype.
+    """
+    m = None if mask is None else mask[:, None, :, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0 / math.sqrt(q.shape[-1]),
+                                        implementation="xla")
+
+
+def attend_with_prefix(q: Array, k_pre: Array, v_pre: Array, mask_pre: Array,
+                       k: Array, v: Array, mask: Array | None) -> Array:
+    """Attention of q over two key segments [prefix ; current] with one joint softmax.
+
+    Used by the KV cache so that the cached buffer is read in place (no concatenation copy).
+    q (B, Lq, H, Dh); k_pre/v_pre (B, Lp, H, Dh), mask_pre bool (B|1, Lq, Lp); k/v (B, Lk, H, Dh),
+    mask bool (B|1, Lq, Lk) or None (full). Every query row must be allowed at least one key.
+    Returns (B, Lq, H, Dh) in q's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    big_neg = jnp.float32(-1e30)
+    s_pre = jnp.einsum("bqhd,bkhd->bhqk", q, k_pre.astype(q.dtype),
+                       preferred_element_type=jnp.float32) * scale
+    s_cur = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    s_pre = jnp.where(mask_pre[:, None], s_pre, big_neg)
+    if mask is not None:
+        s_cur = jnp.where(mask[:, None], s_cur, big_neg)
+    m = jnp.maximum(s_pre.max(-1, keepdims=True), s_cur.max(-1, keepdims=True))
+    p_pre = jnp.exp(s_pre - m)
+    p_cur = jnp.exp(s_cur - m)
+    denom = p_pre.sum(-1, keepdims=True) + p_cur.sum(-1, keepdims=True)
+    o = (jnp.einsum("bhqk,bkhd->bqhd", (p_pre / denom).astype(v.dtype), v_pre.astype(v.dtype))
+         + jnp.einsum("bhqk,bkhd->bqhd", (p_cur / denom).astype(v.dtype), v))
+    return o.astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    """Fused q/k/v projection and output projection, both without bias.
+
+    qkv kernel (D, 3, H, Dh): torch `attn_qkv.weight` (3D, D) transposed, output axis split as
+    (three, H, Dh) — [q | k | v] outermost, then heads. out kernel (H, Dh, D): `attn_out.weight`ᵀ.
+    """
+
+    def __init__(self, width: int, heads: int, *, dtype: DType = jnp.float32,
+                 param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        assert width % heads == 0, (width, heads)
+        self.heads, self.head_dim, self.dtype = heads, width // heads, dtype
+        self.qkv = make_param(rngs, torch_like_init(in_axis=0, out_axis=(1, 2, 3)),
+                              (width, 3, heads, self.head_dim), ("embed", "qkv", "heads", "kv"),
+                              param_dtype)
+        self.out = make_param(rngs, torch_like_init(in_axis=(0, 1), out_axis=2),
+                              (heads, self.head_dim, width), ("heads", "kv", "embed"), param_dtype)
+
+    def project(self, x: Array) -> tuple[Array, Array, Array]:
+        """x (B, L, D) -> pre-rotary q, k, v, each (B, L, H, Dh) in `dtype`."""
+        qkv = jnp.einsum("bld,dthk->tblhk", x.astype(self.dtype), self.qkv[...].astype(self.dtype))
+        return qkv[0], qkv[1], qkv[2]
+
+    def output(self, o: Array) -> Array:
+        """o (B, L, H, Dh) -> (B, L, D) in `dtype`."""
+        return jnp.einsum("blhk,hkd->bld", o.astype(self.dtype), self.out[...].astype(self.dtype))
+
+
+class Mlp(nnx.Module):
+    """Linear (D → r·D, bias) → tanh-GELU → Linear (r·D → D, bias), in `dtype`."""
+
+    def __init__(self, width: int, mlp_ratio: int = 4, *, dtype: DType = jnp.float32,
+                 param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        hidden = mlp_ratio * width
+        self.fc1 = Dense(width, hidden, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
+        self.fc2 = Dense(hidden, width, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """(B, L, D) -> (B, L, D) in `dtype`."""
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------
+
+def dropout(x: Array, rate: float, key: Array | None, deterministic: bool) -> Array:
+    """Inverted dropout: keep with prob 1 − rate and rescale; identity when deterministic/rate 0."""
+    if deterministic or rate == 0.0:
+        return x
+    if key is None:
+        raise ValueError("dropout needs a key (pass rngs=...) when deterministic=False")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)

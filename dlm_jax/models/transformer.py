@@ -1,0 +1,364 @@
+"""The DiT-style transformer shared by SEDD, MDLM and BD3-LM, and its causal (AR) variant.
+
+Architecture (shared/research/architectures.md §1, §2): token embedding (untied) → N pre-norm
+blocks with adaLN(-zero) modulation from c = SiLU(MLP(φ(σ))) and rotary positions → final layer
+(weight-only LN, adaLN shift/scale, Linear with bias). Modulation and output layers start at zero,
+so a fresh model outputs exactly 0.
+
+Shapes: B batch, L length, Lb block length, V vocabulary (including the mask token where the
+process has one), D width, H heads, Dh = D/H, C cond_dim, N depth.
+
+Modes:
+  * ``__call__``: one forward with an explicit boolean attention mask (default: full, i.e. MDLM /
+    SEDD bidirectional; the AR model always ANDs in the causal mask).
+  * ``two_pass``: BD3-LM training in one pass over [x_t ⊕ x_0] (2L) with the two-pass mask and
+    rotary positions 0…L−1 reused for both halves; only the x_t half reaches the output layer.
+  * ``init_cache`` / ``decode_block``: block-by-block decoding with an explicit KV-cache pytree.
+
+Causal (AR) variant, ``causal=True``: exactly bd3lms' ``DDiTBlockCausal`` (§1.9): no σ embedder,
+no adaLN modulation layers anywhere (they do not exist as parameters); blocks compute
+``h += attn_out(attn(LN₁ h))`` and ``h += mlp(LN₂ h)`` (gates 1, weight-only LN, rotary, causal
+mask), and the head is ``linear(LN_f h)``. σ is accepted and ignored; ``time_conditioning`` is
+ignored.
+
+Time conditioning off (``time_conditioning=False``, the released MDLM/BD3-LM setting): σ is replaced
+by 0 and the adaLN path stays fully active (c is then a constant vector), as in the reference.
+
+Functional use: modules hold parameters only (no RNG state, no caches), so
+``graphdef, state = nnx.split(model)`` / ``nnx.merge`` inside ``jax.jit`` works; dropout keys come
+in through ``rngs`` (an ``nnx.Rngs`` with a ``dropout`` stream, an ``RngStream``, or a typed key).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dlm_jax.masks import bd3lm_two_pass_mask, causal_mask
+from dlm_jax.models.cache import KVCache
+from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
+                                   Dense, apply_rotary, attend, attend_with_prefix, dropout,
+                                   modulate, rotary_cos_sin)
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Size presets
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """Width D, depth N, heads H and cond_dim C of a preset."""
+
+    width: int
+    depth: int
+    heads: int
+    cond_dim: int
+
+
+MODEL_SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(width=64, depth=2, heads=4, cond_dim=32),      # tests
+    "bench": ModelSize(width=256, depth=4, heads=4, cond_dim=128),   # CPU benchmarks / quickstart
+    "small": ModelSize(width=768, depth=12, heads=12, cond_dim=128),  # SEDD/MDLM/BD3-LM small
+    "medium": ModelSize(width=1024, depth=24, heads=16, cond_dim=128),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+def _split_keys(key: Array | None, n: int) -> list[Array | None]:
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class DiTBlock(nnx.Module):
+    """Pre-norm transformer block with adaLN(-zero) modulation (or none, for the AR variant).
+
+    adaLN chunks (shift, scale, gate) for attention then MLP; the gate multiplies the branch after
+    dropout: h += gate·Dropout(branch). Without adaLN: shift = scale = 0, gate = 1.
+    """
+
+    def __init__(self, width: int, heads: int, cond_dim: int, *, mlp_ratio: int = 4,
+                 dropout: float = 0.0, adaln: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dropout_rate = dropout
+        self.norm1 = LayerNorm(width, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(width, heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = LayerNorm(width, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = Mlp(width, mlp_ratio, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.adaln = (Modulation(cond_dim, 6, width, param_dtype=param_dtype, rngs=rngs)
+                      if adaln else None)
+
+    def _modulation(self, c: Array | None) -> Array | None:
+        """(B, C) -> (B, 6, D) float32: shift/scale/gate (attention), shift/scale/gate (MLP)."""
+        return None if self.adaln is None else self.adaln(c)
+
+    def _attn_input(self, h: Array, mod: Array | None) -> Array:
+        x = self.norm1(h)
+        return x if mod is None else modulate(x, mod[:, 0], mod[:, 1])
+
+    def _residuals(self, h: Array, attn_branch: Array, mod: Array | None, *, deterministic: bool,
+                   key: Array | None) -> Array:
+        """h (B, L, D) float32 plus the gated attention branch, then the gated MLP branch."""
+        k_attn, k_mlp = _split_keys(key, 2)
+        branch = dropout(attn_branch, self.dropout_rate, k_attn, deterministic).astype(jnp.float32)
+        h = h + (branch if mod is None else mod[:, 2, None, :] * branch)
+        x = self.norm2(h)
+        if mod is not None:
+            x = modulate(x, mod[:, 3], mod[:, 4])
+        branch = dropout(self.mlp(x), self.dropout_rate, k_mlp, deterministic).astype(jnp.float32)
+        return h + (branch if mod is None else mod[:, 5, None, :] * branch)
+
+    def __call__(self, h: Array, c: Array | None, cos: Array, sin: Array, mask: Array | None, *,
+                 q_rows: int | None = None, deterministic: bool = True,
+                 key: Array | None = None) -> Array:
+        """One block over h (B, L, D) float32 with conditioning c (B, C) (None without adaLN).
+
+        cos/sin (B|1, L, Dh) rotary tables; mask bool (B|1, L, L) or None (full). With q_rows, only
+        the first q_rows rows are computed as queries/outputs (keys still cover all L rows): returns
+        (B, q_rows, D). Returns (B, L, D) float32 otherwise.
+        """
+        mod = self._modulation(c)
+        q, k, v = self.attn.project(self._attn_input(h, mod))
+        k = apply_rotary(k, cos, sin)
+        if q_rows is not None:
+            q, h, cos, sin = q[:, :q_rows], h[:, :q_rows], cos[:, :q_rows], sin[:, :q_rows]
+            mask = None if mask is None else mask[:, :q_rows]
+        q = apply_rotary(q, cos, sin)
+        o = attend(q, k, v, mask)
+        return self._residuals(h, self.attn.output(o), mod, deterministic=deterministic, key=key)
+
+    def decode(self, h: Array, c: Array | None, k_cache: Array, v_cache: Array, cache_mask: Array,
+               rope_block: tuple[Array, Array], rope_cache: tuple[Array, Array],
+               block_mask: Array | None) -> tuple[Array, Array, Array]:
+        """One block for a decoding step over the cache prefix plus the current block.
+
+        h (B, Lb, D) float32; k_cache/v_cache (B, Lmax, H, Dh) pre-rotary; cache_mask bool
+        (1, Lb, Lmax) (slot valid); rope_block cos/sin (1, Lb, Dh) at the block's positions;
+        rope_cache cos/sin (1, Lmax, Dh) at positions 0…Lmax−1; block_mask (1, Lb, Lb) or None
+        (bidirectional within the block). Returns the new h (B, Lb, D) and the block's pre-rotary
+        k, v (B, Lb, H, Dh). No dropout.
+        """
+        mod = self._modulation(c)
+        q, k, v = self.attn.project(self._attn_input(h, mod))
+        q_r, k_r = apply_rotary(q, *rope_block), apply_rotary(k, *rope_block)
+        kc_r = apply_rotary(k_cache.astype(q.dtype), *rope_cache)
+        o = attend_with_prefix(q_r, kc_r, v_cache, cache_mask, k_r, v, block_mask)
+        h = self._residuals(h, self.attn.output(o), mod, deterministic=True, key=None)
+        return h, k, v
+
+
+class FinalLayer(nnx.Module):
+    """logits = (LN_f(h)·(1 + scale) + shift) W + b; adaLN and W, b are zero-initialised."""
+
+    def __init__(self, width: int, vocab_size: int, cond_dim: int, *, adaln: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.norm = LayerNorm(width, param_dtype=param_dtype, rngs=rngs)
+        self.adaln = (Modulation(cond_dim, 2, width, param_dtype=param_dtype, rngs=rngs)
+                      if adaln else None)
+        self.linear = Dense(width, vocab_size, ("embed", "vocab"), zero_init=True, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h: Array, c: Array | None) -> Array:
+        """h (B, L, D), c (B, C) or None -> (B, L, V) float32."""
+        x = self.norm(h)
+        if self.adaln is not None:
+            mod = self.adaln(c)
+            x = modulate(x, mod[:, 0], mod[:, 1])
+        return self.linear(x).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class DiT(nnx.Module):
+    """DiT backbone (SEDD / MDLM / BD3-LM) or, with ``causal=True``, the AR transformer.
+
+    Args:
+      vocab_size: V, the model vocabulary INCLUDING the mask token where the process has one.
+      width, depth, heads: D, N, H (D % H == 0, Dh even).
+      cond_dim: C, width of the σ conditioning (ignored when causal).
+      mlp_ratio: MLP hidden width = mlp_ratio · D.
+      dropout: residual-branch dropout rate (active only with deterministic=False).
+      causal: AR variant (causal attention, no adaLN/σ embedder; see the module docstring).
+      time_conditioning: False replaces σ by 0 (adaLN stays active), as released MDLM/BD3-LM.
+      dtype: compute dtype of matmuls (e.g. jnp.bfloat16); params are `param_dtype` (float32).
+      rngs: parameter initialisation RNG (only the ``params`` stream is used).
+    """
+
+    def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
+                 cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
+                 causal: bool = False, time_conditioning: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if width % heads or (width // heads) % 2:
+            raise ValueError(f"width {width} must split into {heads} heads of even width")
+        self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
+        self.head_dim = width // heads
+        self.cond_dim, self.mlp_ratio, self.dropout = cond_dim, mlp_ratio, dropout
+        self.causal = causal
+        self.adaln = not causal
+        self.time_conditioning = bool(time_conditioning) and not causal
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed = Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
+        self.sigma_map = (SigmaEmbedder(cond_dim, param_dtype=param_dtype, rngs=rngs)
+                          if self.adaln else None)
+        self.blocks = nnx.List([DiTBlock(width, heads, cond_dim, mlp_ratio=mlp_ratio,
+                                         dropout=dropout, adaln=self.adaln, **kw)
+                                for _ in range(depth)])
+        self.final = FinalLayer(width, vocab_size, cond_dim, adaln=self.adaln, **kw)
+
+    @classmethod
+    def from_size(cls, size: str | ModelSize, vocab_size: int, **kwargs) -> "DiT":
+        """Builds a model from a `MODEL_SIZES` preset name (or a ModelSize); kwargs as __init__."""
+        s = MODEL_SIZES[size] if isinstance(size, str) else size
+        kwargs.setdefault("cond_dim", s.cond_dim)
+        return cls(vocab_size, s.width, s.depth, s.heads, **kwargs)
+
+    # -- conditioning ----------------------------------------------------------------------------
+
+    def cond_embedding(self, sigma: Array) -> Array:
+        """c = SiLU(sigma_map(σ)) for σ (B,) as given (no time-conditioning switch): (B, C) f32."""
+        if self.sigma_map is None:
+            raise ValueError("the causal (AR) model has no σ conditioning")
+        return jax.nn.silu(self.sigma_map(jnp.asarray(sigma, jnp.float32)))
+
+    def _conditioning(self, sigma: Array | None, batch: int) -> Array | None:
+        """σ (B,), scalar or (B, L) (averaged, like the reference) -> c (B, C), or None (AR)."""
+        if not self.adaln:
+            return None
+        if sigma is None:
+            if self.time_conditioning:
+                raise ValueError("sigma is required when time_conditioning=True")
+            sigma = jnp.zeros((batch,), jnp.float32)
+        sigma = jnp.asarray(sigma, jnp.float32)
+        if sigma.ndim == 2:
+            sigma = sigma.mean(axis=-1)
+        sigma = jnp.broadcast_to(sigma, (batch,))
+        if not self.time_conditioning:
+            sigma = jnp.zeros_like(sigma)
+        return self.cond_embedding(sigma)
+
+    def _dropout_key(self, rngs, deterministic: bool) -> Array | None:
+        if deterministic or self.dropout == 0.0:
+            return None
+        if rngs is None:
+            raise ValueError("deterministic=False with dropout > 0 needs rngs (nnx.Rngs or a key)")
+        if isinstance(rngs, nnx.Rngs):
+            return rngs.dropout()
+        if isinstance(rngs, nnx.RngStream):
+            return rngs()
+        return rngs
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _forward(self, tokens: Array, c: Array | None, mask: Array | None, positions: Array, *,
+                 out_rows: int | None, deterministic: bool, key: Array | None) -> Array:
+        """Shared trunk: embedding, blocks, final layer on the first out_rows rows (or all)."""
+        h = self.embed(tokens)
+        cos, sin = rotary_cos_sin(positions, self.head_dim)
+        keys = _split_keys(key, self.depth)
+        last = self.depth - 1
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, cos, sin, mask, q_rows=out_rows if i == last else None,
+                      deterministic=deterministic, key=keys[i])
+        if out_rows is not None:
+            h = h[:, :out_rows]
+        return self.final(h, c)
+
+    def __call__(self, tokens: Array, sigma: Array | None = None, *, mask: Array | None = None,
+                 positions: Array | None = None, deterministic: bool = True,
+                 rngs=None) -> Array:
+        """Raw outputs (logits) for tokens (B, L) int32 at noise level σ (B,).
+
+        mask: bool (B|1, L, L) or (L, L), True = may attend; None = full attention (the AR model
+        always ANDs the causal mask in). positions: (B|1, L) or (L,) ints for rotary, default
+        0…L−1. rngs: dropout randomness, needed only if deterministic=False.
+        Returns (B, L, V) float32.
+        """
+        B, L = tokens.shape
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
+            mask = mask[None] if mask.ndim == 2 else mask
+        if self.causal:
+            causal = causal_mask(L)[None]
+            mask = causal if mask is None else mask & causal
+        if positions is None:
+            positions = jnp.arange(L, dtype=jnp.int32)
+        positions = jnp.asarray(positions)
+        positions = positions[None] if positions.ndim == 1 else positions
+        key = self._dropout_key(rngs, deterministic)
+        c = self._conditioning(sigma, B)
+        return self._forward(tokens, c, mask, positions, out_rows=None,
+                             deterministic=deterministic, key=key)
+
+    def two_pass(self, xt: Array, x0: Array, sigma: Array | None, block_size: int, *,
+                 deterministic: bool = True, rngs=None) -> Array:
+        """BD3-LM training forward over [x_t ⊕ x_0] in one pass; logits of the x_t half.
+
+        xt, x0: (B, L) int32 with L % block_size == 0; σ (B,). Rotary positions 0…L−1 for both
+        halves; the two-pass mask keeps x_t blocks away from each other and from their own clean
+        block. block_size = L reproduces the plain bidirectional call on x_t.
+        Returns (B, L, V) float32.
+        """
+        if self.causal:
+            raise ValueError("two_pass is for the diffusion (non-causal) model")
+        B, L = xt.shape
+        if L % block_size:
+            raise ValueError(f"length {L} is not a multiple of block_size {block_size}")
+        tokens = jnp.concatenate([xt, x0], axis=1)
+        half = jnp.arange(L, dtype=jnp.int32)
+        positions = jnp.concatenate([half, half])[None]
+        mask = bd3lm_two_pass_mask(L, block_size)[None]
+        key = self._dropout_key(rngs, deterministic)
+        c = self._conditioning(sigma, B)
+        return self._forward(tokens, c, mask, positions, out_rows=L,
+                             deterministic=deterministic, key=key)
+
+    # -- KV-cache decoding -------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """Empty KVCache with buffers (N, B, max_len, H, Dh) of `dtype` and length 0."""
+        return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype)
+
+    def decode_block(self, tokens: Array, sigma: Array | None, cache: KVCache, *,
+                     commit: bool | Array) -> tuple[Array, KVCache]:
+        """Logits for one block given the committed prefix in `cache` (no dropout).
+
+        tokens (B, Lb) int32 at positions cache.length … cache.length+Lb−1 attend to the cache's
+        first `length` slots and to the block itself (bidirectionally; causally for the AR model).
+        commit=True writes the block's pre-rotary K/V at slot `length` and advances length by Lb;
+        commit=False returns the cache unchanged. commit may be a traced bool (selected with
+        jnp.where; a Python bool avoids the extra copy). Requires length + Lb ≤ max_len.
+        Returns (logits (B, Lb, V) float32, new cache).
+        """
+        B, Lb = tokens.shape
+        Lmax = cache.max_len
+        start = cache.length
+        slots = jnp.arange(Lmax, dtype=jnp.int32)
+        q_pos = start + jnp.arange(Lb, dtype=jnp.int32)
+        rope_block = rotary_cos_sin(q_pos[None], self.head_dim)
+        rope_cache = rotary_cos_sin(slots[None], self.head_dim)
+        cache_mask = jnp.broadcast_to(slots[None, None, :] < start, (1, Lb, Lmax))
+        block_mask = causal_mask(Lb)[None] if self.causal else None
+        c = self._conditioning(sigma, B)
+        h = self.embed(tokens)
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            h, k, v = block.decode(h, c, cache.k[i], cache.v[i], cache_mask, rope_block,
+                                   rope_cache, block_mask)
+            ks.append(k)
+            vs.append(v)
+        logits = self.final(h, c)
+        if isinstance(commit, bool) and not commit:
+            return logits, cache
+        committed = cache.append(jnp.stack(ks), jnp.stack(vs))
+        if isinstance(commit, bool):
+            return logits, committed
+        commit = jnp.asarray(commit, bool)
+        return logits, jax.tree.map(lambda a, b: jnp.where(commit, a, b), committed, cache)

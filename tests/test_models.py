@@ -1,0 +1,300 @@
+"""Tests of dlm_jax.models: shapes, zero init, two-pass, KV cache, causality, dropout, bf16, heads.
+
+Models are built abstractly (`nnx.eval_shape`) and filled with random numpy values, which avoids
+compiling the random initialisers; every forward is jitted (one compile per shape, cached).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dlm_jax.masks import block_causal_mask
+from dlm_jax.models import MODEL_SIZES, DiT, KVCache, log_expm1, sedd_log_score
+from dlm_jax.models.layers import LOGICAL_AXES, rotary_cos_sin, apply_rotary
+
+V, B, L, BS = 37, 2, 16, 4
+
+
+def random_model(seed: int = 0, **kwargs) -> DiT:
+    """A tiny DiT with O(1) random parameters (LN weights 1 ± 0.1, matrices std 1/sqrt(fan_in))."""
+    cfg = dict(cond_dim=16, time_conditioning=True, dropout=0.0)
+    cfg.update(kwargs)
+    model = nnx.eval_shape(lambda: DiT(V, 32, 2, 4, rngs=nnx.Rngs(0), **cfg))
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+
+    def fill(path, x):
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        if "norm" in name:
+            value = 1.0 + 0.1 * rng.standard_normal(x.shape)
+        elif name.endswith("bias"):
+            value = 0.05 * rng.standard_normal(x.shape)
+        elif "adaln" in name:
+            value = 0.2 * rng.standard_normal(x.shape)
+        elif "embedding" in name:
+            value = 0.5 * rng.standard_normal(x.shape)
+        else:
+            fan_in = math.prod(x.shape[:2]) if name.endswith("attn/out") else x.shape[0]
+            value = rng.standard_normal(x.shape) / math.sqrt(fan_in)
+        return jnp.asarray(value, x.dtype)
+
+    pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+@pytest.fixture(scope="module")
+def dit() -> DiT:
+    return random_model(0)
+
+
+@pytest.fixture(scope="module")
+def ar() -> DiT:
+    return random_model(1, causal=True)
+
+
+def _tokens(seed, shape=(B, L)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, V, shape), jnp.int32)
+
+
+@nnx.jit
+def _forward(model, tokens, sigma, mask=None, positions=None):
+    return model(tokens, sigma, mask=mask, positions=positions)
+
+
+@functools.partial(nnx.jit, static_argnames=("block_size",))
+def _two_pass(model, xt, x0, sigma, block_size):
+    return model.two_pass(xt, x0, sigma, block_size)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fresh_model_outputs_zero_and_param_names():
+    model = DiT.from_size("tiny", V, time_conditioning=True, rngs=nnx.Rngs(0))
+    assert (model.width, model.depth, model.heads, model.cond_dim) == (64, 2, 4, 32)
+    out = _forward(model, _tokens(0), jnp.array([0.3, 2.0]))
+    assert out.shape == (B, L, V) and out.dtype == jnp.float32
+    assert np.all(np.asarray(out) == 0.0)          # zero-initialised output layer
+    # Every parameter carries logical axis names from the documented set, one per dimension.
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata()["out_sharding"]
+        assert len(names) == var.ndim and set(names) <= set(LOGICAL_AXES), (path, names)
+        assert var.dtype == jnp.float32
+    assert set(MODEL_SIZES) >= {"tiny", "bench", "small", "medium"}
+    assert MODEL_SIZES["small"].width == 768 and MODEL_SIZES["medium"].depth == 24
+
+
+def test_ar_variant_has_no_adaln(ar):
+    names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(ar, nnx.Param))}
+    assert not any("adaln" in n or "sigma_map" in n for n in names), names
+    assert any("attn/qkv" in n for n in names)
+
+
+def test_shapes_and_time_conditioning(dit):
+    x = _tokens(1)
+    s1, s2 = jnp.array([0.1, 0.5]), jnp.array([2.0, 3.0])
+    out = _forward(dit, x, s1)
+    assert out.shape == (B, L, V) and out.dtype == jnp.float32
+    assert np.abs(np.asarray(out - _forward(dit, x, s2))).max() > 1e-3   # σ matters
+    untimed = random_model(0, time_conditioning=False)                     # same params
+    np.testing.assert_array_equal(_forward(untimed, x, s1), _forward(untimed, x, s2))
+    np.testing.assert_allclose(_forward(untimed, x, s1), _forward(dit, x, jnp.zeros(B)),
+                               atol=1e-6)                                  # σ → 0, adaLN on
+
+
+def test_rotary_relative_positions(dit):
+    # Scores depend only on position differences: shifting all positions changes nothing.
+    x, s = _tokens(2), jnp.array([0.4, 1.0])
+    base = _forward(dit, x, s)
+    shifted = _forward(dit, x, s, positions=jnp.arange(L, dtype=jnp.int32)[None] + 7)
+    np.testing.assert_allclose(shifted, base, atol=2e-5)
+    # ...while permuting positions does change the output (rotary is actually applied).
+    perm = jnp.asarray(np.random.default_rng(0).permutation(L), jnp.int32)[None]
+    assert np.abs(np.asarray(_forward(dit, x, s, positions=perm) - base)).max() > 1e-3
+    # Half-split rotation: dim i pairs with dim i + Dh/2; norms are preserved.
+    q = jax.random.normal(jax.random.key(0), (1, 3, 2, 8))
+    cos, sin = rotary_cos_sin(jnp.arange(3)[None], 8)
+    r = apply_rotary(q, cos, sin)
+    np.testing.assert_allclose(jnp.linalg.norm(r, axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(r[:, 0], q[:, 0], atol=1e-7)                 # position 0: identity
+
+
+def test_two_pass_block_size_L_is_bidirectional(dit):
+    xt, x0, s = _tokens(3), _tokens(4), jnp.array([0.7, 1.3])
+    np.testing.assert_allclose(_two_pass(dit, xt, x0, s, L), _forward(dit, xt, s), atol=1e-5)
+
+
+def test_two_pass_dependencies(dit):
+    # x_t block b depends on x_t block b and x_0 blocks < b only.
+    xt, x0, s = _tokens(5), _tokens(6), jnp.array([0.7, 1.3])
+    base = np.asarray(_two_pass(dit, xt, x0, s, BS))
+    b = 1
+    rows = slice(b * BS, (b + 1) * BS)
+    x0_later = x0.at[:, b * BS:].set((x0[:, b * BS:] + 1) % V)         # own and later clean blocks
+    xt_other = xt.at[:, :b * BS].set((xt[:, :b * BS] + 1) % V)          # other noisy blocks
+    for xt_, x0_ in ((xt, x0_later), (xt_other, x0)):
+        np.testing.assert_allclose(np.asarray(_two_pass(dit, xt_, x0_, s, BS))[:, rows],
+                                   base[:, rows], atol=1e-5)
+    x0_earlier = x0.at[:, 0].set((x0[:, 0] + 1) % V)                   # an earlier clean block
+    assert np.abs(np.asarray(_two_pass(dit, xt, x0_earlier, s, BS))[:, rows]
+                  - base[:, rows]).max() > 1e-4
+
+
+@functools.partial(nnx.jit, static_argnames=("block_size", "max_len"))
+def _decode_blockwise(model, clean, noisy, sigma, block_size, max_len):
+    """Scan over blocks: a noisy call (commit=False), then the clean call (commit=True)."""
+    K = clean.shape[1] // block_size
+    to_blocks = lambda x: x.reshape(x.shape[0], K, block_size).transpose(1, 0, 2)
+
+    def step(cache, blocks):
+        c_blk, n_blk = blocks
+        noisy_logits, same = model.decode_block(n_blk, sigma, cache, commit=False)
+        store_logits, cache = model.decode_block(c_blk, sigma, cache, commit=True)
+        return cache, (noisy_logits, store_logits, same.length)
+
+    cache = model.init_cache(clean.shape[0], max_len)
+    return jax.lax.scan(step, cache, (to_blocks(clean), to_blocks(noisy)))
+
+
+def test_kv_cache_equals_block_causal_forward(dit):
+    clean, noisy, s = _tokens(7), _tokens(8), jnp.array([0.9, 0.2])
+    K = L // BS
+    cache, (noisy_logits, store_logits, lengths) = _decode_blockwise(dit, clean, noisy, s, BS, 24)
+    assert isinstance(cache, KVCache) and cache.k.shape == (2, B, 24, 4, 8)
+    np.testing.assert_array_equal(lengths, np.arange(K) * BS)          # commit=False: unchanged
+    assert int(cache.length) == L
+    mask = block_causal_mask(L, BS)
+    full = np.asarray(_forward(dit, clean, s, mask))
+    np.testing.assert_allclose(store_logits.transpose(1, 0, 2, 3).reshape(B, L, V), full,
+                               atol=1e-5)
+    # Noisy block b after clean blocks < b: one batched block-causal pass over K sequences.
+    seqs = jnp.stack([clean.at[:, b * BS:(b + 1) * BS].set(noisy[:, b * BS:(b + 1) * BS])
+                      for b in range(K)]).reshape(K * B, L)
+    want = np.asarray(_forward(dit, seqs, jnp.tile(s, K), mask)).reshape(K, B, L, V)
+    for b in range(K):
+        np.testing.assert_allclose(noisy_logits[b], want[b, :, b * BS:(b + 1) * BS], atol=1e-5)
+
+
+@nnx.jit
+def _decode_traced_commit(model, tokens, sigma, cache, commit):
+    return model.decode_block(tokens, sigma, cache, commit=commit)
+
+
+def test_kv_cache_traced_commit(dit):
+    x, s = _tokens(9, (B, BS)), jnp.array([0.5, 0.5])
+    cache = dit.init_cache(B, 8)
+    for flag in (True, False):
+        logits, new = _decode_traced_commit(dit, x, s, cache, jnp.array(flag))
+        assert int(new.length) == (BS if flag else 0)
+        if not flag:
+            np.testing.assert_array_equal(new.k, cache.k)
+        np.testing.assert_allclose(logits, _forward(dit, x, s), atol=1e-5)
+
+
+def test_ar_is_causal(ar):
+    # Perturbing token j (one sequence per j, in one batch) leaves outputs < j untouched.
+    x = _tokens(10, (1, L))
+    base = np.asarray(_forward(ar, x, None))[0]
+    eye = jnp.eye(L, dtype=jnp.int32)
+    perturbed = (x + eye) % V                                            # row j: token j changed
+    out = np.asarray(_forward(ar, perturbed, None))                      # (L, L, V)
+    for j in range(L):
+        np.testing.assert_allclose(out[j, :j], base[:j], atol=1e-5)   # batch-size rounding
+        assert np.abs(out[j, j:] - base[j:]).max() > 1e-3, j
+    # A user mask is ANDed with the causal one: a full mask changes nothing.
+    np.testing.assert_allclose(_forward(ar, x, None, jnp.ones((1, L, L), bool))[0], base,
+                               atol=1e-6)
+
+
+@functools.partial(nnx.jit, static_argnames=("block_size",))
+def _ar_decode(model, tokens, block_size):
+    K = tokens.shape[1] // block_size
+    blocks = tokens.reshape(tokens.shape[0], K, block_size).transpose(1, 0, 2)
+
+    def step(cache, blk):
+        logits, cache = model.decode_block(blk, None, cache, commit=True)
+        return cache, logits
+
+    _, logits = jax.lax.scan(step, model.init_cache(tokens.shape[0], tokens.shape[1]), blocks)
+    return logits.transpose(1, 0, 2, 3).reshape(tokens.shape[0], -1, logits.shape[-1])
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_ar_kv_cache_equals_causal_forward(ar, block_size):
+    x = _tokens(11)
+    np.testing.assert_allclose(_ar_decode(ar, x, block_size), _forward(ar, x, None), atol=1e-5)
+
+
+def test_dropout(dit):
+    model = random_model(0, dropout=0.5)
+    x, s = _tokens(12), jnp.array([0.3, 0.6])
+
+    @nnx.jit
+    def train_fwd(model, key):   # a typed key, and an nnx.Rngs with a `dropout` stream
+        return (model(x, s, deterministic=False, rngs=key),
+                model(x, s, deterministic=False, rngs=nnx.Rngs(dropout=key)))
+
+    det = _forward(model, x, s)
+    np.testing.assert_allclose(det, _forward(dit, x, s), atol=1e-6)   # deterministic: no dropout
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    (a, a_rngs), (a2, _), (b, _) = train_fwd(model, k1), train_fwd(model, k1), train_fwd(model, k2)
+    np.testing.assert_array_equal(a, a2)                                # same key, same mask
+    for other in (b, det, a_rngs):
+        assert np.abs(np.asarray(a - other)).max() > 1e-3
+    assert np.abs(np.asarray(a_rngs - det)).max() > 1e-3
+    with pytest.raises(ValueError, match="rngs"):
+        model(x, s, deterministic=False)
+
+
+def test_functional_split_merge_and_grad(dit):
+    graphdef, state = nnx.split(dit)
+    x, s = _tokens(13), jnp.array([0.3, 0.6])
+
+    @jax.jit
+    def loss(state, key):
+        model = nnx.merge(graphdef, state)
+        logits = model.two_pass(x, x, s, BS, deterministic=False, rngs=key)
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    value, grads = jax.value_and_grad(loss)(state, jax.random.key(0))
+    assert np.isfinite(value)
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
+
+
+def test_bf16_compute_close_to_fp32(dit):
+    model16 = random_model(0, dtype=jnp.bfloat16)
+    x, s = _tokens(14), jnp.array([0.3, 0.6])
+    out16 = _forward(model16, x, s)
+    out32 = np.asarray(_forward(dit, x, s))
+    assert out16.dtype == jnp.float32
+    assert nnx.state(model16, nnx.Param)["embed"]["embedding"][...].dtype == jnp.float32
+    err = np.abs(np.asarray(out16) - out32).max()
+    assert 0 < err < 0.05 * np.abs(out32).max(), err
+
+
+def test_sedd_log_score():
+    rng = np.random.default_rng(0)
+    raw = jnp.asarray(rng.standard_normal((3, 5, 7)), jnp.float32)
+    xt = jnp.asarray(rng.integers(0, 7, (3, 5)), jnp.int32)
+    sigma = jnp.array([0.01, 0.7, 120.0])
+    out = np.asarray(sedd_log_score(raw, xt, sigma, scale_by_sigma=True))
+    want = np.asarray(raw, np.float64) - (np.log(np.expm1(np.float64(sigma))) +
+                                          np.log(6.0))[:, None, None]
+    np.put_along_axis(want, np.asarray(xt)[..., None], 0.0, axis=-1)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
+    out_ns = np.asarray(sedd_log_score(raw, xt, sigma, scale_by_sigma=False))
+    assert np.all(np.take_along_axis(out_ns, np.asarray(xt)[..., None], -1) == 0)
+    # log(e^σ − 1): stable on both sides of the 0.5 switch and finite gradients.
+    grid = np.array([1e-6, 0.1, 0.49, 0.5, 0.51, 3.0, 50.0, 500.0], np.float32)
+    np.testing.assert_allclose(log_expm1(grid), np.log(np.expm1(grid.astype(np.float64))),
+                               rtol=1e-5)
+    assert np.all(np.isfinite(jax.vmap(jax.grad(log_expm1))(grid)))
