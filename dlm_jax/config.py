@@ -146,6 +146,24 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """Inverse of `to_dict` (e.g. a run's config.json); unknown keys raise ConfigError."""
+        def build(kind, vals, prefix):
+            fields = {f.name: f for f in dataclasses.fields(kind)}
+            kwargs = {}
+            for k, v in vals.items():
+                if k not in fields:
+                    raise ConfigError(f"config.{prefix}{k} is not a known key")
+                default = getattr(kind(), k)
+                if dataclasses.is_dataclass(default):
+                    v = build(type(default), v, f"{prefix}{k}.")
+                elif isinstance(default, tuple) and isinstance(v, list):
+                    v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                kwargs[k] = v
+            return kind(**kwargs)
+        return build(cls, values, "")
+
 
 FAMILIES = {
     # family: (objective, process, block size rule)

@@ -27,7 +27,12 @@ def main(argv) -> int:
     from dlm_jax.trainer import NonFiniteLossError, Trainer
 
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        env = os.environ
+        if "JAX_COORDINATOR_ADDRESS" in env and "JAX_PROCESS_ID" in env:  # launch/local_multiprocess.sh
+            jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                                       int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]))
+        else:  # TPU pods and SLURM: discovered from the environment
+            jax.distributed.initialize()
     logging.set_verbosity(logging.WARNING)
     cfg = _CONFIG.value
     try:

@@ -12,3 +12,13 @@ import jax  # noqa: E402
 
 assert jax.device_count() >= 8 or "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"], (
     "XLA_FLAGS was set after jax initialised its backend")
+
+# Tests build the same tiny programs many times (several trainers per test, subprocesses);
+# a compilation cache shared within the run turns the repeats into cache hits.
+_cache_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache",
+                          "jax_compilation_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_cache_dir))  # subprocesses
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))

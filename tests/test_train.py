@@ -16,6 +16,7 @@ from flax import nnx
 
 from dlm_jax.config import ConfigError, validate
 from dlm_jax.data.pipeline import markov_chain
+from dlm_jax.evaluate import evaluate_run
 from dlm_jax.trainer import NonFiniteLossError, Trainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -105,8 +106,6 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     kw = dict(steps=8, log_every=4, eval_every=8, ckpt_every=4, eval_batches=1)
     full = Trainer(_cfg("bd3lm,block=8", **kw), str(tmp_path / "full"), measure_mfu=False)
     full.run()
-    full_iter_batch = None
-    full.close()
 
     first = Trainer(_cfg("bd3lm,block=8", **{**kw, "steps": 4}), str(tmp_path / "resumed"),
                     measure_mfu=False)
@@ -115,6 +114,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     second = Trainer(_cfg("bd3lm,block=8", **kw), str(tmp_path / "resumed"), measure_mfu=False)
     summary = second.run()
     assert summary["start_step"] == 4
+    # The evaluation CLI's function restores the same run and reproduces its final validation.
+    np.testing.assert_allclose(evaluate_run(str(tmp_path / "resumed"))["val/loss"],
+                               summary["val/loss"], rtol=1e-6)
     chex.assert_trees_all_equal(jax.device_get(full.state.params),
                                 jax.device_get(second.state.params))
     # The data iterators of both runs continue with the same batch.
@@ -123,7 +125,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     it_resumed = second.train_iterator()
     second.restore_or_init(it_resumed)
     np.testing.assert_array_equal(next(it_full)["tokens"], next(it_resumed)["tokens"])
-    del full_iter_batch
+    full.close()
     second.close()
 
 
