@@ -78,7 +78,7 @@ class DiffusionConfig:
     clip_search_delta: float = 0.05
     clip_search_batches: int = 4
     d3pm_steps: int = 1000
-    d3pm_schedule: str = "cosine"   # linear | cosine | jsd
+    d3pm_schedule: str = "auto"     # linear | cosine | jsd | auto (uniform: cosine, absorbing: jsd)
     hybrid_lambda: float = 0.01
 
 
@@ -218,7 +218,7 @@ def validate(cfg: Config) -> Config:
     _choice("diffusion.objective", df.objective, {"ar", "nelbo", "score_entropy", "d3pm"})
     _choice("diffusion.process", df.process, {"absorbing", "uniform"})
     _choice("diffusion.schedule", df.schedule, {"loglinear", "geometric", "linear", "cosine"})
-    _choice("diffusion.d3pm_schedule", df.d3pm_schedule, {"linear", "cosine", "jsd"})
+    _choice("diffusion.d3pm_schedule", df.d3pm_schedule, {"linear", "cosine", "jsd", "auto"})
     if df.objective == "nelbo":
         _check(df.process == "absorbing", "diffusion.process", df.process,
                "objective 'nelbo' (masked NELBO) needs the absorbing process")

@@ -120,13 +120,13 @@ def _d3pm_loss(cfg: Config, model, process, batch: dict, key: Array, *, train: b
     B = x0.shape[0]
     k_t, k_x, k_drop = jax.random.split(key, 3)
     t = jax.random.randint(k_t, (B,), 1, process.num_steps + 1)
-    xt = process.sample_xt(k_x, x0, t[:, None])
+    xt = process.sample_xt(k_x, x0, t)
     logits = model(xt, t.astype(jnp.float32), deterministic=not train,
                    rngs=k_drop if train else None)
     lam = cfg.diffusion.hybrid_lambda if train else 0.0
     per_token, _ = d3pm_loss(logits, x0, xt, t, process, hybrid_lambda=lam)
     if not train:
-        prior, _ = d3pm_prior_term(x0, process)
+        prior = d3pm_prior_term(x0, process)
         per_token = per_token + prior
     loss = (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)
     return loss, {"loss": loss}

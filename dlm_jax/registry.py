@@ -36,8 +36,9 @@ def build_process(cfg: Config, token_vocab: int):
         return None
     if cfg.diffusion.objective == "d3pm":
         from dlm_jax.processes.d3pm import D3PM
+        schedule = None if cfg.diffusion.d3pm_schedule == "auto" else cfg.diffusion.d3pm_schedule
         return D3PM(kind=cfg.diffusion.process, vocab_size=token_vocab,
-                    num_steps=cfg.diffusion.d3pm_steps, schedule=cfg.diffusion.d3pm_schedule)
+                    num_steps=cfg.diffusion.d3pm_steps, schedule=schedule)
     return transitions.make_process(cfg.diffusion.process, token_vocab)
 
 

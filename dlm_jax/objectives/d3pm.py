@@ -127,7 +127,8 @@ def _all_configs(num_states: int, length: int, max_configs: int) -> np.ndarray:
     n = num_states ** length
     if n > max_configs:
         raise ValueError(f"exact enumeration needs S^L = {num_states}^{length} = {n} noisy "
-                         f"sequences, more than max_configs={max_configs}; use d3pm_bound_all_steps")
+                         f"sequences, more than max_configs={max_configs}; use "
+                         f"d3pm_bound_all_steps")
     grids = np.meshgrid(*([np.arange(num_states)] * length), indexing="ij")
     return np.stack([g.reshape(-1) for g in grids], axis=-1).astype(np.int32)  # (C, L)
 
