@@ -54,6 +54,7 @@ class ModelConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     time_conditioning: bool = False
+    token_conditioning: bool = True # with time conditioning and blocks: each block its own σ̄
     scale_by_sigma: bool = True     # SEDD absorbing log-score head: subtract log(expm1 σ̄)+log(S-1)
     compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
     remat: bool = False

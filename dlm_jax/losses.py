@@ -9,7 +9,7 @@ Continuous-time diffusion (objectives "nelbo" and "score_entropy"):
      sequence (MDLM/SEDD), smaller blocks are BD3-LM;
   2. x_t from the process at those times (BD3-LM's `resample` rule when enabled);
   3. the DiT on x_t (block size L) or the two-pass [x_t ⊕ x_0] forward (block size < L),
-     conditioned on σ̄ of the sequence's first block (zeroed unless time_conditioning);
+     conditioned on σ̄ (per sequence, or per token with blocks; zeroed unless time_conditioning);
   4. masked NELBO on SUBS log-probabilities, or score entropy on log-scores.
 Training draws times from the (possibly clipped) schedule; evaluation always from the unclipped
 [sampling_eps, 1], whose estimate is an unbiased NELBO (a clipped one is not a likelihood bound).
@@ -70,7 +70,9 @@ def continuous_terms(cfg: Config, model, process, schedule: schedules.Schedule, 
                                    resample=resample, bounds=bounds,
                                    sampling_eps=df.sampling_eps)
     t = corruption.block_times(t_blocks, block)
-    sigma_cond = schedule.sigma_bar(t_blocks[:, 0])
+    # One σ̄ per sequence (one block: SEDD's conditioning), per token with several blocks; the
+    # model averages a per-token σ̄ unless model.token_conditioning is on.
+    sigma_cond = schedule.sigma_bar(t_blocks[:, 0] if block == L else t)
     raw = diffusion_forward(model, xt, x0, sigma_cond, block, deterministic=not train,
                             rngs=k_drop if train else None)
     if df.objective == "nelbo":

@@ -69,7 +69,8 @@ def build_model(cfg: Config, token_vocab: int, rngs: nnx.Rngs) -> DiT:
     return DiT(model_vocab_size(cfg, token_vocab), dims["width"], dims["depth"], dims["heads"],
                cond_dim=dims["cond_dim"], mlp_ratio=cfg.model.mlp_ratio,
                dropout=cfg.model.dropout, causal=cfg.diffusion.objective == "ar",
-               time_conditioning=cfg.model.time_conditioning, dtype=dtype, rngs=rngs)
+               time_conditioning=cfg.model.time_conditioning,
+               token_conditioning=cfg.model.token_conditioning, dtype=dtype, rngs=rngs)
 
 
 def build_tokenizer(cfg: Config):

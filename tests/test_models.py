@@ -298,3 +298,25 @@ def test_sedd_log_score():
     np.testing.assert_allclose(log_expm1(grid), np.log(np.expm1(grid.astype(np.float64))),
                                rtol=1e-5)
     assert np.all(np.isfinite(jax.vmap(jax.grad(log_expm1))(grid)))
+
+
+def test_token_conditioning():
+    """Per-token σ: constant per sequence equals per-sequence σ; each token sees only its own σ;
+    in the two-pass forward the clean half is conditioned on σ = 0."""
+    model = random_model(3, token_conditioning=True)
+    xt, x0 = _tokens(30), _tokens(31)
+    sigma = jnp.asarray([0.4, 2.0])
+    per_token = jnp.broadcast_to(sigma[:, None], (B, L))
+    np.testing.assert_allclose(_forward(model, xt, per_token), _forward(model, xt, sigma),
+                               atol=1e-5)
+    # Changing σ of block 1 only changes block 1's outputs in the two-pass forward (x_t blocks
+    # never attend to each other; the clean half is conditioned on 0, not on x_t's σ).
+    bumped = per_token.at[:, BS:2 * BS].add(1.5)
+    a = _two_pass(model, xt, x0, per_token, BS)
+    b = _two_pass(model, xt, x0, bumped, BS)
+    changed = np.abs(np.asarray(a - b)).max(axis=(0, 2)) > 1e-6
+    np.testing.assert_array_equal(changed, (np.arange(L) // BS) == 1)
+    # The default (reference) model averages a per-token σ over the sequence instead.
+    ref = random_model(3)
+    np.testing.assert_allclose(_forward(ref, xt, bumped),
+                               _forward(ref, xt, bumped.mean(axis=1)), atol=1e-5)

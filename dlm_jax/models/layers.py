@@ -122,9 +122,14 @@ class LayerNorm(nnx.Module):
         return (x - mu) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
 
 
+def per_row(v: Array) -> Array:
+    """A modulation chunk as rows: (B, D) per sequence -> (B, 1, D); (B, L, D) per token as is."""
+    return v[:, None, :] if v.ndim == 2 else v
+
+
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
-    """adaLN: x (B, L, D) · (1 + scale (B, D)) + shift (B, D), broadcast over L."""
-    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+    """adaLN: x (B, L, D) · (1 + scale) + shift, with shift/scale (B, D) or per token (B, L, D)."""
+    return x * (1.0 + per_row(scale)) + per_row(shift)
 
 
 class Modulation(nnx.Module):
@@ -141,8 +146,8 @@ class Modulation(nnx.Module):
         self.bias = make_param(rngs, zeros, (n, width), ("modulation", "embed"), param_dtype)
 
     def __call__(self, c: Array) -> Array:
-        """(B, C) float32 -> (B, n, D) float32."""
-        return (jnp.einsum("bc,cnd->bnd", c.astype(jnp.float32),
+        """(B, C) -> (B, n, D), or per token (B, L, C) -> (B, L, n, D); float32."""
+        return (jnp.einsum("...c,cnd->...nd", c.astype(jnp.float32),
                            self.kernel[...].astype(jnp.float32))
                 + self.bias[...].astype(jnp.float32))
 

@@ -40,7 +40,7 @@ from dlm_jax.masks import bd3lm_two_pass_mask, causal_mask
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
                                    Dense, apply_rotary, attend, attend_with_prefix, dropout,
-                                   modulate, rotary_cos_sin)
+                                   modulate, per_row, rotary_cos_sin)
 
 Array = jax.Array
 
@@ -99,19 +99,19 @@ class DiTBlock(nnx.Module):
 
     def _attn_input(self, h: Array, mod: Array | None) -> Array:
         x = self.norm1(h)
-        return x if mod is None else modulate(x, mod[:, 0], mod[:, 1])
+        return x if mod is None else modulate(x, mod[..., 0, :], mod[..., 1, :])
 
     def _residuals(self, h: Array, attn_branch: Array, mod: Array | None, *, deterministic: bool,
                    key: Array | None) -> Array:
         """h (B, L, D) float32 plus the gated attention branch, then the gated MLP branch."""
         k_attn, k_mlp = _split_keys(key, 2)
         branch = dropout(attn_branch, self.dropout_rate, k_attn, deterministic).astype(jnp.float32)
-        h = h + (branch if mod is None else mod[:, 2, None, :] * branch)
+        h = h + (branch if mod is None else per_row(mod[..., 2, :]) * branch)
         x = self.norm2(h)
         if mod is not None:
-            x = modulate(x, mod[:, 3], mod[:, 4])
+            x = modulate(x, mod[..., 3, :], mod[..., 4, :])
         branch = dropout(self.mlp(x), self.dropout_rate, k_mlp, deterministic).astype(jnp.float32)
-        return h + (branch if mod is None else mod[:, 5, None, :] * branch)
+        return h + (branch if mod is None else per_row(mod[..., 5, :]) * branch)
 
     def __call__(self, h: Array, c: Array | None, cos: Array, sin: Array, mask: Array | None, *,
                  q_rows: int | None = None, deterministic: bool = True,
@@ -128,6 +128,8 @@ class DiTBlock(nnx.Module):
         if q_rows is not None:
             q, h, cos, sin = q[:, :q_rows], h[:, :q_rows], cos[:, :q_rows], sin[:, :q_rows]
             mask = None if mask is None else mask[:, :q_rows]
+            if mod is not None and mod.ndim == 4:  # per-token conditioning
+                mod = mod[:, :q_rows]
         q = apply_rotary(q, cos, sin)
         o = attend(q, k, v, mask)
         return self._residuals(h, self.attn.output(o), mod, deterministic=deterministic, key=key)
@@ -168,7 +170,7 @@ class FinalLayer(nnx.Module):
         x = self.norm(h)
         if self.adaln is not None:
             mod = self.adaln(c)
-            x = modulate(x, mod[:, 0], mod[:, 1])
+            x = modulate(x, mod[..., 0, :], mod[..., 1, :])
         return self.linear(x).astype(jnp.float32)
 
 
@@ -187,13 +189,17 @@ class DiT(nnx.Module):
       dropout: residual-branch dropout rate (active only with deterministic=False).
       causal: AR variant (causal attention, no adaLN/σ embedder; see the module docstring).
       time_conditioning: False replaces σ by 0 (adaLN stays active), as released MDLM/BD3-LM.
+      token_conditioning: a σ given per token (B, L) modulates each token by its own σ instead of
+        the reference's average over L (block-wise noise levels, e.g. block SEDD). With a KV
+        cache, commit clean blocks with σ = 0, as the clean half of the two-pass training input.
       dtype: compute dtype of matmuls (e.g. jnp.bfloat16); params are `param_dtype` (float32).
       rngs: parameter initialisation RNG (only the ``params`` stream is used).
     """
 
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
                  cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
-                 causal: bool = False, time_conditioning: bool = False, dtype=jnp.float32,
+                 causal: bool = False, time_conditioning: bool = False,
+                 token_conditioning: bool = False, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
@@ -203,6 +209,7 @@ class DiT(nnx.Module):
         self.causal = causal
         self.adaln = not causal
         self.time_conditioning = bool(time_conditioning) and not causal
+        self.token_conditioning = bool(token_conditioning)
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
@@ -228,8 +235,15 @@ class DiT(nnx.Module):
             raise ValueError("the causal (AR) model has no σ conditioning")
         return jax.nn.silu(self.sigma_map(jnp.asarray(sigma, jnp.float32)))
 
-    def _conditioning(self, sigma: Array | None, batch: int) -> Array | None:
-        """σ (B,), scalar or (B, L) (averaged, like the reference) -> c (B, C), or None (AR)."""
+    def _conditioning(self, sigma: Array | None, batch: int, length: int | None = None,
+                      clean_rows: int = 0) -> Array | None:
+        """σ -> c: (B, C) per sequence, or (B, length + clean_rows, C) per token; None (AR).
+
+        σ may be a scalar, (B,) or (B, L). A (B, L) σ is averaged over L like the reference,
+        unless `token_conditioning` is on and time conditioning is active: then every token is
+        modulated by its own σ (block-wise noise levels), and `clean_rows` rows of σ = 0 are
+        appended (the clean x_0 half of the two-pass input).
+        """
         if not self.adaln:
             return None
         if sigma is None:
@@ -237,6 +251,11 @@ class DiT(nnx.Module):
                 raise ValueError("sigma is required when time_conditioning=True")
             sigma = jnp.zeros((batch,), jnp.float32)
         sigma = jnp.asarray(sigma, jnp.float32)
+        if sigma.ndim == 2 and self.token_conditioning and self.time_conditioning:
+            sigma = jnp.broadcast_to(sigma, (batch, length))
+            sigma = jnp.pad(sigma, ((0, 0), (0, clean_rows)))
+            c = self.cond_embedding(sigma.reshape(-1))
+            return c.reshape(sigma.shape + c.shape[-1:])
         if sigma.ndim == 2:
             sigma = sigma.mean(axis=-1)
         sigma = jnp.broadcast_to(sigma, (batch,))
@@ -269,6 +288,8 @@ class DiT(nnx.Module):
                       deterministic=deterministic, key=keys[i])
         if out_rows is not None:
             h = h[:, :out_rows]
+            if c is not None and c.ndim == 3:
+                c = c[:, :out_rows]
         return self.final(h, c)
 
     def __call__(self, tokens: Array, sigma: Array | None = None, *, mask: Array | None = None,
@@ -293,7 +314,7 @@ class DiT(nnx.Module):
         positions = jnp.asarray(positions)
         positions = positions[None] if positions.ndim == 1 else positions
         key = self._dropout_key(rngs, deterministic)
-        c = self._conditioning(sigma, B)
+        c = self._conditioning(sigma, B, L)
         return self._forward(tokens, c, mask, positions, out_rows=None,
                              deterministic=deterministic, key=key)
 
@@ -301,7 +322,8 @@ class DiT(nnx.Module):
                  deterministic: bool = True, rngs=None) -> Array:
         """BD3-LM training forward over [x_t ⊕ x_0] in one pass; logits of the x_t half.
 
-        xt, x0: (B, L) int32 with L % block_size == 0; σ (B,). Rotary positions 0…L−1 for both
+        xt, x0: (B, L) int32 with L % block_size == 0; σ (B,), or (B, L) per token of x_t with
+        `token_conditioning` (the clean half is then conditioned on σ = 0). Rotary positions 0…L−1 for both
         halves; the two-pass mask keeps x_t blocks away from each other and from their own clean
         block. block_size = L reproduces the plain bidirectional call on x_t.
         Returns (B, L, V) float32.
@@ -316,7 +338,7 @@ class DiT(nnx.Module):
         positions = jnp.concatenate([half, half])[None]
         mask = bd3lm_two_pass_mask(L, block_size)[None]
         key = self._dropout_key(rngs, deterministic)
-        c = self._conditioning(sigma, B)
+        c = self._conditioning(sigma, B, L, clean_rows=L)
         return self._forward(tokens, c, mask, positions, out_rows=L,
                              deterministic=deterministic, key=key)
 
@@ -346,7 +368,7 @@ class DiT(nnx.Module):
         rope_cache = rotary_cos_sin(slots[None], self.head_dim)
         cache_mask = jnp.broadcast_to(slots[None, None, :] < start, (1, Lb, Lmax))
         block_mask = causal_mask(Lb)[None] if self.causal else None
-        c = self._conditioning(sigma, B)
+        c = self._conditioning(sigma, B, Lb)
         h = self.embed(tokens)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
