@@ -4,7 +4,7 @@
 
 Trains, validates (NELBO in nats/token and bits per byte, plus BD3-LM's clipped-schedule search)
 and checkpoints; writes runs/quickstart/{metrics.jsonl,config.json,checkpoints/}. Byte tokenizer,
-no download. Sized for a 2-core machine: about 3-4 minutes end to end.
+no download. Sized for a 2-core machine: about 4 minutes end to end.
 """
 from dlm_jax.config import Config, apply_family
 
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> Config:
     cfg.diffusion.var_min = True
     cfg.diffusion.clip_search_batches = 2
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.ema_decay = 2e-3, 50, 0.999
-    cfg.train.steps, cfg.train.batch_size = 400, 16
-    cfg.train.log_every, cfg.train.eval_every, cfg.train.ckpt_every = 50, 200, 200
+    cfg.train.steps, cfg.train.batch_size = 300, 16
+    cfg.train.log_every, cfg.train.eval_every, cfg.train.ckpt_every = 50, 150, 150
     cfg.train.eval_batches = 4
     return cfg
