@@ -1,0 +1,529 @@
+"""Training-throughput benchmark: tokens/s and MFU per family, side by side in one process.
+
+    python -m dlm_jax.bench train [--size bench|tiny] [--families ar,mdlm,bd3lm,sedd,d3pm]
+                                  [--steps N] [--passes P] [--out FILE.json]
+                                  [--seq_len 256 --batch 8 --block 16] [--extra dropout,clip_ema]
+    python -m dlm_jax.bench profile [--families mdlm,bd3lm] [--steps N] [--out FILE.json]
+
+`train` measures, in ONE process (the machine's speed drifts, so everything that is compared is
+measured side by side):
+  1. the peak: a 2048² float32 matmul through jax (and numpy, for reference), before every pass
+     and once at the end;
+  2. per family: the first step (trace + compile + one step), then per pass one untimed warm-up
+     step and `--steps` timed steps (each followed by `block_until_ready` on the new state);
+     passes interleave the families, so drift hits all of them alike.
+Figures: median step time (min–max over all timed steps), tokens/s = batch·L / step time,
+achieved FLOP/s = tokens/s · `Trainer.flops_per_token()` (6·N + attention; ×2 for the BD3-LM
+two-pass input), MFU = achieved / the median jax matmul peak of this run.
+
+Setup (the "bench" size of the PyTorch reference, shared/research/peer_bench.md): DiT width 256,
+depth 4, 4 heads, cond 128; the byte tokenizer's 258 ids (+ the mask state for absorbing
+processes), L 256, batch 8, float32, AdamW (β 0.9/0.999, eps 1e-8, no weight decay), no gradient
+clipping and no EMA (the reference's "core" rows; `--extra clip_ema` adds rows with both),
+dropout 0 (`--extra dropout` adds rows at the presets' 0.1; the reference ran with 0.1). Random
+token batches go straight to `Trainer.train_step`: no data loading in the timed region.
+BD3-LM uses block 16 (two-pass [x_t ⊕ x_0] forward); D3PM T = 1000 (absorbing, jsd schedule);
+SEDD absorbing with the log-linear schedule.
+
+`profile` splits one step into jitted pieces for each family (model forward, loss forward,
+loss value-and-grad, the AdamW update, attention alone at the step's shapes, the whole step) and
+times them interleaved, so the share of each is visible.
+
+The JSON output holds the machine, versions, the peaks, every timed step, the summaries, the
+reference figures and our/reference ratios (raw and normalised by each side's matmul peak).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+FAMILIES = ("ar", "mdlm", "bd3lm", "sedd", "d3pm")
+
+# The PyTorch reference (kuleshov-group/bd3lms @ 1c3e8f4, torch 2.13 CPU, 2 threads), measured on
+# this machine kind: shared/research/peer_bench.md §0/§5.1, pooled over 3 passes, dropout 0.1,
+# no clip/EMA. tok/s median (min, max); GFLOP/step is their own count (matmuls + dense attention).
+REFERENCE = {
+    "source": "shared/research/peer_bench.md §0, §5.1-5.2 (kuleshov-group/bd3lms @ 1c3e8f4)",
+    "peak_matmul_gflops": 113.5,   # 2048² f32 torch.mm, pooled median at the start of each pass
+    "dropout": 0.1,
+    "families": {
+        "mdlm": {"tokens_per_s": 3038.0, "min": 2107.0, "max": 3983.0, "step_s": 0.6741,
+                 "gflop_per_step": 46.0},
+        "bd3lm": {"tokens_per_s": 1304.0, "min": 910.0, "max": 1651.0, "step_s": 1.5705,
+                  "gflop_per_step": 104.7},
+        "ar": {"tokens_per_s": 2763.0, "min": 2172.0, "max": 3721.0, "step_s": 0.7413,
+               "gflop_per_step": 45.9},
+    },
+    # SEDD and D3PM have no reference row; the MDLM row (same DiT over L tokens) stands in.
+    "proxy": {"sedd": "mdlm", "d3pm": "mdlm"},
+}
+
+SIZES = {
+    # size: (model preset, default L, default batch, default block)
+    "bench": ("bench", 256, 8, 16),
+    "tiny": ("tiny", 32, 8, 4),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+def byte_vocab() -> int:
+    """Real token ids of the byte tokenizer (256 bytes + BOS + EOS = 258)."""
+    from dlm_jax.data.tokenizers import make_tokenizer
+    return make_tokenizer("byte", "").vocab_size
+
+
+def make_config(family: str, *, size: str = "bench", seq_len: int | None = None,
+                batch: int | None = None, block: int | None = None, dropout: float = 0.0,
+                clip_ema: bool = False, vocab: int | None = None):
+    """The benchmark Config for one family (synthetic Markov source, no data is read)."""
+    from dlm_jax.config import Config, apply_family, validate
+    preset, L0, B0, blk0 = SIZES[size]
+    L = seq_len or L0
+    cfg = Config(name=f"bench-{family}")
+    apply_family(cfg, family, (block or blk0) if family == "bd3lm" else 0)
+    cfg.data.source = "markov"
+    cfg.data.markov_vocab = vocab or byte_vocab()
+    cfg.data.seq_len = L
+    cfg.model.size = preset
+    cfg.model.dropout = dropout
+    cfg.model.compute_dtype = "float32"
+    cfg.diffusion.process = "absorbing"
+    if family == "d3pm":
+        cfg.diffusion.d3pm_steps, cfg.diffusion.d3pm_schedule = 1000, "jsd"
+        cfg.diffusion.hybrid_lambda = 0.01
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-4, 0
+    cfg.optim.b1, cfg.optim.b2, cfg.optim.eps, cfg.optim.weight_decay = 0.9, 0.999, 1e-8, 0.0
+    cfg.optim.grad_clip = 1.0 if clip_ema else 0.0
+    cfg.optim.ema_decay = 0.9999 if clip_ema else 0.0
+    cfg.train.batch_size = batch or B0
+    cfg.train.steps = 1_000_000
+    cfg.train.async_checkpoint = False
+    cfg.mesh.shape = (-1, 1, 1)
+    return validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing helpers
+# ---------------------------------------------------------------------------------------------
+
+def _stats(xs) -> dict:
+    xs = [float(x) for x in xs]
+    return {"median": float(np.median(xs)), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def measure_peak(n: int = 2048, repeats: int = 5) -> dict:
+    """GFLOP/s of an n×n float32 matmul through jax (jit, one device) and numpy."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    a_np = rng.standard_normal((n, n), dtype=np.float32)
+    b_np = rng.standard_normal((n, n), dtype=np.float32)
+    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    flop = 2.0 * n ** 3
+    jt, nt = [], []
+    np.matmul(a_np, b_np)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        jt.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        np.matmul(a_np, b_np)
+        nt.append(time.perf_counter() - t0)
+    return {"n": n, "jax_gflops": flop / np.median(jt) / 1e9,
+            "jax_gflops_best": flop / min(jt) / 1e9,
+            "numpy_gflops": flop / np.median(nt) / 1e9,
+            "numpy_gflops_best": flop / min(nt) / 1e9,
+            "jax_s": [float(t) for t in jt], "numpy_s": [float(t) for t in nt],
+            "loadavg": list(os.getloadavg())}
+
+
+def machine_info() -> dict:
+    import jax
+    import jaxlib
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for mod in ("flax", "optax", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - informational only
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# One benchmark case: a Trainer, its state and a fixed random batch
+# ---------------------------------------------------------------------------------------------
+
+class Case:
+    """A family (+ variant) with its Trainer, live state and a random token batch."""
+
+    def __init__(self, name: str, family: str, cfg, workdir: str, seed: int = 0):
+        import jax
+        from dlm_jax.trainer import Trainer
+        self.name, self.family, self.cfg = name, family, cfg
+        self.trainer = Trainer(cfg, workdir, measure_mfu=False)
+        self.state = self.trainer.init_state()
+        jax.block_until_ready(self.state)
+        B, L = cfg.train.batch_size, cfg.data.seq_len
+        self.tokens_per_step = B * L
+        rng = np.random.default_rng(seed)
+        self.batch = {"tokens": rng.integers(0, self.trainer.token_vocab, (B, L), dtype=np.int32)}
+        self.first_step_s = None
+        self.times: list[list[float]] = []
+        self.losses: list[float] = []
+
+    def step(self) -> float:
+        import jax
+        t0 = time.perf_counter()
+        self.state, metrics = self.trainer.train_step(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        dt = time.perf_counter() - t0
+        self._metrics = metrics
+        return dt
+
+    def compile(self) -> float:
+        self.first_step_s = self.step()
+        return self.first_step_s
+
+    def run_pass(self, steps: int, warmup: int = 1) -> list[float]:
+        for _ in range(warmup):
+            self.step()
+        ts = [self.step() for _ in range(steps)]
+        self.times.append(ts)
+        self.losses.append(float(self._metrics["loss"]))
+        return ts
+
+    def summary(self, peak_flops: float) -> dict:
+        all_t = [t for p in self.times for t in p]
+        st = _stats(all_t)
+        fpt = self.trainer.flops_per_token()
+        tok = self.tokens_per_step / st["median"]
+        achieved = tok * fpt
+        return {
+            "family": self.family,
+            "num_params": int(self.trainer.num_params),
+            "model_vocab": int(self.trainer.process.num_states if self.trainer.process is not None
+                               else self.trainer.token_vocab),
+            "dropout": self.cfg.model.dropout,
+            "clip_ema": self.cfg.optim.grad_clip > 0,
+            "block_size": self.cfg.diffusion.block_size,
+            "first_step_s": self.first_step_s,
+            "compile_s": max(self.first_step_s - st["median"], 0.0),
+            "step_s": st,
+            "step_s_per_pass": [float(np.median(p)) for p in self.times],
+            "step_s_all": all_t,
+            "tokens_per_s": tok,
+            "tokens_per_s_min": self.tokens_per_step / st["max"],
+            "tokens_per_s_max": self.tokens_per_step / st["min"],
+            "flops_per_token": fpt,
+            "gflop_per_step": fpt * self.tokens_per_step / 1e9,
+            "achieved_gflops": achieved / 1e9,
+            "mfu": achieved / peak_flops,
+            "final_loss": self.losses[-1] if self.losses else None,
+        }
+
+
+def _ratios(summary: dict, family: str, peak_gflops: float) -> dict:
+    ref_fam = family if family in REFERENCE["families"] else REFERENCE["proxy"].get(family)
+    if ref_fam is None:
+        return {}
+    ref = REFERENCE["families"][ref_fam]
+    ours = summary["tokens_per_s"]
+    norm = (ours / peak_gflops) / (ref["tokens_per_s"] / REFERENCE["peak_matmul_gflops"])
+    return {"reference_family": ref_fam, "reference_tokens_per_s": ref["tokens_per_s"],
+            "ratio_tokens_per_s": ours / ref["tokens_per_s"],
+            "ratio_peak_normalised": norm,
+            "reference_mfu_own_count": ref["gflop_per_step"] * ref["tokens_per_s"] / 2048.0
+            / REFERENCE["peak_matmul_gflops"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# `train`
+# ---------------------------------------------------------------------------------------------
+
+def _case_specs(families, extras) -> list[tuple[str, str, dict]]:
+    specs = [(f, f, {}) for f in families]
+    if "dropout" in extras:
+        specs += [(f"{f}+dropout0.1", f, {"dropout": 0.1}) for f in families]
+    if "clip_ema" in extras:
+        specs += [(f"{f}+clip+ema", f, {"clip_ema": True}) for f in families]
+    return specs
+
+
+def run_train(args) -> dict:
+    import jax
+    families = [f for f in args.families.split(",") if f]
+    for f in families:
+        if f not in FAMILIES:
+            raise SystemExit(f"unknown family {f!r}; choose from {','.join(FAMILIES)}")
+    extras = [e for e in args.extra.split(",") if e]
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
+    result = {"kind": "train", "machine": machine_info(),
+              "settings": {"size": args.size, "families": families, "extra": extras,
+                           "steps_per_pass": args.steps, "passes": args.passes,
+                           "warmup_per_pass": args.warmup, "seq_len": args.seq_len,
+                           "batch": args.batch, "block": args.block, "peak_n": args.peak_n,
+                           "float": "float32", "optimizer": "AdamW(3e-4, 0.9, 0.999, 1e-8, wd 0)"}}
+    peaks = [measure_peak(args.peak_n, args.peak_repeats)]
+    log(f"peak: jax {peaks[0]['jax_gflops']:.1f} GFLOP/s, numpy {peaks[0]['numpy_gflops']:.1f}")
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="dlm_bench_") as tmp:
+        for name, fam, kw in _case_specs(families, extras):
+            cfg = make_config(fam, size=args.size, seq_len=args.seq_len, batch=args.batch,
+                              block=args.block, **kw)
+            case = Case(name, fam, cfg, os.path.join(tmp, name))
+            case.compile()
+            log(f"{name}: first step (trace+compile+run) {case.first_step_s:.1f} s")
+            cases.append(case)
+        for p in range(args.passes):
+            order = cases if p % 2 == 0 else cases[::-1]
+            for case in order:
+                ts = case.run_pass(args.steps, args.warmup)
+                log(f"pass {p + 1} {case.name}: median {np.median(ts):.3f} s/step")
+            peaks.append(measure_peak(args.peak_n, args.peak_repeats))
+            log(f"peak: jax {peaks[-1]['jax_gflops']:.1f} GFLOP/s")
+        peak_gflops = float(np.median([pk["jax_gflops"] for pk in peaks]))
+        result["peak"] = {
+            "jax_gflops": peak_gflops,
+            "jax_gflops_min": min(pk["jax_gflops"] for pk in peaks),
+            "jax_gflops_max": max(pk["jax_gflops"] for pk in peaks),
+            "numpy_gflops": float(np.median([pk["numpy_gflops"] for pk in peaks])),
+            "measurements": peaks}
+        result["cases"] = {}
+        comparable = (args.size == "bench" and (args.seq_len or 256) == 256
+                      and (args.batch or 8) == 8 and (args.block or 16) == 16)
+        result["comparable_to_reference"] = comparable
+        for case in cases:
+            s = case.summary(peak_gflops * 1e9)
+            if comparable:  # the reference exists for the bench size only
+                s.update(_ratios(s, case.family, peak_gflops))
+            result["cases"][case.name] = s
+            case.trainer.close()
+    result["reference"] = REFERENCE
+    mdlm = result["cases"].get("mdlm")
+    bd3 = result["cases"].get("bd3lm")
+    if mdlm and bd3:
+        result["bd3lm_over_mdlm_step_time"] = bd3["step_s"]["median"] / mdlm["step_s"]["median"]
+        result["reference_bd3lm_over_mdlm_step_time"] = (
+            REFERENCE["families"]["bd3lm"]["step_s"] / REFERENCE["families"]["mdlm"]["step_s"])
+    result["table"] = markdown_table(result)
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    pk = result["peak"]
+    lines = [f"peak 2048² f32 matmul: jax {pk['jax_gflops']:.1f} GFLOP/s (median; "
+             f"{pk['jax_gflops_min']:.1f}–{pk['jax_gflops_max']:.1f}), numpy "
+             f"{pk['numpy_gflops']:.1f}; reference torch.mm {REFERENCE['peak_matmul_gflops']}",
+             "",
+             "| case | params | s/step median (min–max) | tok/s median (min–max) | GFLOP/step | "
+             "GFLOP/s | MFU | compile s | reference tok/s | ours/ref | ours/ref (peak-norm.) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in result["cases"].items():
+        st = s["step_s"]
+        ref = s.get("reference_tokens_per_s")
+        proxy = "" if s.get("reference_family") in (None, s["family"]) else \
+            f" ({s['reference_family']})"
+        lines.append(
+            f"| {name} | {s['num_params'] / 1e6:.2f}M | {st['median']:.3f} "
+            f"({st['min']:.3f}–{st['max']:.3f}) | {s['tokens_per_s']:.0f} "
+            f"({s['tokens_per_s_min']:.0f}–{s['tokens_per_s_max']:.0f}) | "
+            f"{s['gflop_per_step']:.1f} | {s['achieved_gflops']:.1f} | {100 * s['mfu']:.1f}% | "
+            f"{s['compile_s']:.1f} | "
+            + (f"{ref:.0f}{proxy} | {s['ratio_tokens_per_s']:.2f} | "
+               f"{s['ratio_peak_normalised']:.2f} |" if ref else "– | – | – |"))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# `profile`: where a step's time goes
+# ---------------------------------------------------------------------------------------------
+
+def _timed(fn, args, n: int) -> list[float]:
+    import jax
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def phase_functions(case: Case) -> dict:
+    """Jitted pieces of one train step: (fn, args) per phase name."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from dlm_jax.masks import bd3lm_two_pass_mask
+    from dlm_jax.models.layers import attend
+    tr, cfg = case.trainer, case.cfg
+    # Copies: the train step donates (and so deletes) the state it is given.
+    params = jax.tree.map(jnp.copy, case.state.params)
+    opt_state = jax.tree.map(jnp.copy, case.state.opt_state)
+    batch = {"tokens": jnp.asarray(case.batch["tokens"])}
+    key = jax.random.key(1)
+    B, L = case.batch["tokens"].shape
+    fam = case.family
+    two_pass = fam == "bd3lm" and cfg.diffusion.block_size < L
+
+    def loss(p, b, k):
+        return tr.loss_fn(nnx.merge(tr.graphdef, p), b, k, train=True)[0]
+
+    def model_out(p, b):
+        m = nnx.merge(tr.graphdef, p)
+        x = b["tokens"]
+        if two_pass:
+            return m.two_pass(x, x, jnp.zeros((B,)), cfg.diffusion.block_size)
+        return m(x, jnp.zeros((B,)))
+
+    grads = jax.tree.map(jnp.zeros_like, params)
+
+    def update(p, g, o):
+        u, o = tr.tx.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    from dlm_jax.registry import model_dims
+    d = model_dims(cfg)
+    H, Dh, depth = d["heads"], d["width"] // d["heads"], d["depth"]
+    S = 2 * L if two_pass else L
+    ks = jax.random.split(jax.random.key(2), 3)
+    q, k_, v = (jax.random.normal(kk, (B, S, H, Dh), jnp.float32) for kk in ks)
+    if two_pass:
+        mask = bd3lm_two_pass_mask(L, cfg.diffusion.block_size)[None]
+    elif fam == "ar":
+        from dlm_jax.masks import causal_mask
+        mask = causal_mask(L)[None]
+    else:
+        mask = None
+
+    def attn_loss(q, k_, v):
+        return attend(q, k_, v, mask).sum()
+
+    return {
+        "model_forward": (jax.jit(lambda p, b: model_out(p, b).sum()), (params, batch)),
+        "loss_forward": (jax.jit(loss), (params, batch, key)),
+        "loss_value_and_grad": (jax.jit(jax.value_and_grad(loss)), (params, batch, key)),
+        "adamw_update": (jax.jit(update), (params, grads, opt_state)),
+        f"attention_fwd_bwd_x{depth}": (jax.jit(jax.grad(attn_loss, argnums=(0, 1, 2))),
+                                        (q, k_, v)),
+    }, depth
+
+
+def run_profile(args) -> dict:
+    families = [f for f in args.families.split(",") if f]
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
+    result = {"kind": "profile", "machine": machine_info(),
+              "settings": {"size": args.size, "families": families, "steps": args.steps,
+                           "passes": args.passes, "seq_len": args.seq_len, "batch": args.batch,
+                           "block": args.block}, "families": {}}
+    with tempfile.TemporaryDirectory(prefix="dlm_bench_") as tmp:
+        cases, phases = [], []
+        for fam in families:
+            cfg = make_config(fam, size=args.size, seq_len=args.seq_len, batch=args.batch,
+                              block=args.block)
+            case = Case(fam, fam, cfg, os.path.join(tmp, fam))
+            case.compile()
+            fns, depth = phase_functions(case)
+            for fn, a in fns.values():
+                _timed(fn, a, 1)  # compile
+            cases.append(case)
+            phases.append((fns, depth))
+            log(f"{fam}: compiled")
+        times = [{k: [] for k in list(f) + ["train_step"]} for f, _ in phases]
+        for _ in range(args.passes):
+            for case, (fns, _), tt in zip(cases, phases, times):
+                for name, (fn, a) in fns.items():
+                    tt[name] += _timed(fn, a, args.steps)
+                tt["train_step"] += [case.step() for _ in range(args.steps)]
+        for case, (fns, depth), tt in zip(cases, phases, times):
+            med = {k: float(np.median(v)) for k, v in tt.items()}
+            attn_key = next(k for k in med if k.startswith("attention"))
+            med[attn_key] *= depth  # one layer was timed; the step runs `depth` of them
+            step = med["train_step"]
+            result["families"][case.family] = {
+                "median_s": med, "all_s": tt,
+                "share_of_step": {k: v / step for k, v in med.items()},
+                "backward_s": med["loss_value_and_grad"] - med["loss_forward"],
+                "loss_head_s": med["loss_forward"] - med["model_forward"],
+                "rest_of_step_s": step - med["loss_value_and_grad"] - med["adamw_update"],
+            }
+            case.trainer.close()
+            log(f"{case.family}: " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
+    lines = ["| family | " + " | ".join(["model fwd", "loss fwd", "loss fwd+bwd", "AdamW",
+                                          "attention fwd+bwd (all layers)", "train step"]) + " |",
+             "|---|---|---|---|---|---|---|"]
+    for fam, r in result["families"].items():
+        m = r["median_s"]
+        attn = next(v for k, v in m.items() if k.startswith("attention"))
+        cells = [m["model_forward"], m["loss_forward"], m["loss_value_and_grad"],
+                 m["adamw_update"], attn, m["train_step"]]
+        lines.append(f"| {fam} | " + " | ".join(
+            f"{c:.3f} ({100 * c / m['train_step']:.0f}%)" for c in cells) + " |")
+    result["table"] = "\n".join(lines)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m dlm_jax.bench", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, fams, steps, passes in (("train", ",".join(FAMILIES), 10, 2),
+                                      ("profile", "mdlm,bd3lm", 5, 2)):
+        p = sub.add_parser(name)
+        p.add_argument("--size", choices=sorted(SIZES), default="bench")
+        p.add_argument("--families", default=fams)
+        p.add_argument("--steps", type=int, default=steps, help="timed steps per pass")
+        p.add_argument("--passes", type=int, default=passes)
+        p.add_argument("--warmup", type=int, default=1, help="untimed steps per pass")
+        p.add_argument("--seq_len", type=int, default=None)
+        p.add_argument("--batch", type=int, default=None)
+        p.add_argument("--block", type=int, default=None, help="BD3-LM block size")
+        p.add_argument("--extra", default="", help="comma list: dropout (0.1), clip_ema")
+        p.add_argument("--peak_n", type=int, default=2048)
+        p.add_argument("--peak_repeats", type=int, default=5)
+        p.add_argument("--out", default=None, help="write the JSON result here")
+        p.add_argument("--quiet", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from absl import logging
+    logging.set_verbosity(logging.ERROR)
+    result = run_train(args) if args.cmd == "train" else run_profile(args)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(result["table"], flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
