@@ -24,7 +24,7 @@ class MetricsWriter:
                     from tensorboardX import SummaryWriter
                 except ImportError as e:
                     raise ImportError("config.train.tensorboard=True needs the tensorboardX "
-                                      "package: pip install tensorboardX") from e
+                                      "package: pip install -e '.[tb]'") from e
                 self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, values: dict) -> None:
