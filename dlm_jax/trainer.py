@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dlm_jax import losses, registry, sharding
 from dlm_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -194,7 +193,7 @@ class Trainer:
         tokens_per_step = t.batch_size * cfg.data.seq_len
         flops_per_token = self.flops_per_token()
         summary = {"start_step": start, "workdir": self.workdir}
-        window_t0, window_steps, step = time.perf_counter(), 0, start
+        window_t0, window_steps = time.perf_counter(), 0
         try:
             for step in range(start, t.steps):
                 if self._stop_requested:
@@ -248,8 +247,6 @@ class Trainer:
                     self._check_finite(state, done, last_good)
                     self._save(done, state, data_iter, force=done == t.steps)
                     last_good = done
-            else:
-                step = t.steps
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.ckpt.wait()

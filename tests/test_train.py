@@ -1,5 +1,4 @@
 """The trainer end to end on tiny configs: every family learns, sharding and resuming are exact."""
-import dataclasses
 import json
 import math
 import os
@@ -34,7 +33,6 @@ def _cfg(arg="mdlm", **train):
 
 
 def _fixed_batch(cfg, seed=0):
-    rng = np.random.default_rng(seed)
     chain = markov_chain(cfg.data.markov_vocab, cfg.data.markov_order, cfg.data.markov_seed)
     return {"tokens": chain.sample(cfg.train.batch_size, cfg.data.seq_len, seed).astype(np.int32)}
 
