@@ -2,7 +2,7 @@
 
     python -m dlm_jax.bench train [--size bench|tiny] [--families ar,mdlm,bd3lm,sedd,d3pm]
                                   [--steps N] [--passes P] [--out FILE.json]
-                                  [--seq_len 256 --batch 8 --block 16] [--extra dropout,clip_ema]
+                                  [--seq_len 256 --batch 8 --block 16] [--extra dropout,clip_ema,remat]
     python -m dlm_jax.bench profile [--families mdlm,bd3lm] [--steps N] [--out FILE.json]
 
 `train` measures, in ONE process (the machine's speed drifts, so everything that is compared is
@@ -85,7 +85,7 @@ def byte_vocab() -> int:
 
 def make_config(family: str, *, size: str = "bench", seq_len: int | None = None,
                 batch: int | None = None, block: int | None = None, dropout: float = 0.0,
-                clip_ema: bool = False, vocab: int | None = None):
+                clip_ema: bool = False, remat: str = "none", vocab: int | None = None):
     """The benchmark Config for one family (synthetic Markov source, no data is read)."""
     from dlm_jax.config import Config, apply_family, validate
     preset, L0, B0, blk0 = SIZES[size]
@@ -97,6 +97,7 @@ def make_config(family: str, *, size: str = "bench", seq_len: int | None = None,
     cfg.data.seq_len = L
     cfg.model.size = preset
     cfg.model.dropout = dropout
+    cfg.model.remat = remat
     cfg.model.compute_dtype = "float32"
     cfg.diffusion.process = "absorbing"
     if family == "d3pm":
@@ -269,6 +270,8 @@ def _case_specs(families, extras) -> list[tuple[str, str, dict]]:
         specs += [(f"{f}+dropout0.1", f, {"dropout": 0.1}) for f in families]
     if "clip_ema" in extras:
         specs += [(f"{f}+clip+ema", f, {"clip_ema": True}) for f in families]
+    if "remat" in extras:
+        specs += [(f"{f}+remat-{r}", f, {"remat": r}) for f in families for r in ("dots", "block")]
     return specs
 
 
@@ -377,8 +380,7 @@ def phase_functions(case: Case) -> dict:
     import jax.numpy as jnp
     import optax
     from flax import nnx
-    from dlm_jax.masks import bd3lm_two_pass_mask
-    from dlm_jax.models.layers import attend
+    from dlm_jax.models.layers import TwoPassMask, attend
     tr, cfg = case.trainer, case.cfg
     # Copies: the train step donates (and so deletes) the state it is given.
     params = jax.tree.map(jnp.copy, case.state.params)
@@ -412,7 +414,7 @@ def phase_functions(case: Case) -> dict:
     ks = jax.random.split(jax.random.key(2), 3)
     q, k_, v = (jax.random.normal(kk, (B, S, H, Dh), jnp.float32) for kk in ks)
     if two_pass:
-        mask = bd3lm_two_pass_mask(L, cfg.diffusion.block_size)[None]
+        mask = TwoPassMask(cfg.diffusion.block_size)  # what DiT.two_pass uses
     elif fam == "ar":
         from dlm_jax.masks import causal_mask
         mask = causal_mask(L)[None]
@@ -504,7 +506,7 @@ def parse_args(argv=None):
         p.add_argument("--seq_len", type=int, default=None)
         p.add_argument("--batch", type=int, default=None)
         p.add_argument("--block", type=int, default=None, help="BD3-LM block size")
-        p.add_argument("--extra", default="", help="comma list: dropout (0.1), clip_ema")
+        p.add_argument("--extra", default="", help="comma list: dropout (0.1), clip_ema, remat")
         p.add_argument("--peak_n", type=int, default=2048)
         p.add_argument("--peak_repeats", type=int, default=5)
         p.add_argument("--out", default=None, help="write the JSON result here")

@@ -44,6 +44,11 @@ class DataConfig:
     seed: int = 0
 
 
+# Activation rematerialisation of the transformer blocks (DiT `remat`): none, recompute each
+# block in the backward pass, or recompute all but the matmul outputs.
+REMAT_POLICIES = ("none", "block", "dots")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     size: str = "tiny"              # preset: tiny | bench | small | medium
@@ -57,7 +62,7 @@ class ModelConfig:
     token_conditioning: bool = True # with time conditioning and blocks: each block its own σ̄
     scale_by_sigma: bool = True     # SEDD absorbing log-score head: subtract log(expm1 σ̄)+log(S-1)
     compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
-    remat: bool = False
+    remat: str = "none"              # none | block (recompute each block) | dots (keep matmul outputs)
 
 
 @dataclasses.dataclass
@@ -211,6 +216,7 @@ def validate(cfg: Config) -> Config:
 
     _choice("model.size", m.size, {"tiny", "bench", "small", "medium"})
     _choice("model.compute_dtype", m.compute_dtype, {"float32", "bfloat16"})
+    _choice("model.remat", m.remat, set(REMAT_POLICIES))
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     for key in ("width", "depth", "heads", "cond_dim", "mlp_ratio"):
         _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")

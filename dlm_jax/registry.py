@@ -70,7 +70,8 @@ def build_model(cfg: Config, token_vocab: int, rngs: nnx.Rngs) -> DiT:
                cond_dim=dims["cond_dim"], mlp_ratio=cfg.model.mlp_ratio,
                dropout=cfg.model.dropout, causal=cfg.diffusion.objective == "ar",
                time_conditioning=cfg.model.time_conditioning,
-               token_conditioning=cfg.model.token_conditioning, dtype=dtype, rngs=rngs)
+               token_conditioning=cfg.model.token_conditioning, remat=cfg.model.remat,
+               dtype=dtype, rngs=rngs)
 
 
 def build_tokenizer(cfg: Config):

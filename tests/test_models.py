@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dlm_jax.masks import block_causal_mask
+from dlm_jax import config
+from dlm_jax.models import transformer
+from dlm_jax.masks import bd3lm_two_pass_mask, block_causal_mask
 from dlm_jax.models import MODEL_SIZES, DiT, KVCache, log_expm1, sedd_log_score
-from dlm_jax.models.layers import LOGICAL_AXES, rotary_cos_sin, apply_rotary
+from dlm_jax.models.layers import (LOGICAL_AXES, apply_rotary, attend_two_pass, matmul_rows,
+                                   rotary_cos_sin)
 
 V, B, L, BS = 37, 2, 16, 4
 
@@ -130,6 +133,77 @@ def test_rotary_relative_positions(dit):
 def test_two_pass_block_size_L_is_bidirectional(dit):
     xt, x0, s = _tokens(3), _tokens(4), jnp.array([0.7, 1.3])
     np.testing.assert_allclose(_two_pass(dit, xt, x0, s, L), _forward(dit, xt, s), atol=1e-5)
+
+
+def _dense_masked_attention(q, k, v, mask):
+    """Plain softmax attention with a boolean (Lq, Lk) mask, in q's precision (the reference)."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("length,block", [(8, 1), (8, 2), (12, 4), (8, 8)])
+@pytest.mark.parametrize("noisy_rows_only", [False, True])
+def test_block_sparse_two_pass_attention_equals_dense_mask(length, block, noisy_rows_only):
+    # Values and gradients of the block-sparse form against softmax over the dense (2L, 2L) mask.
+    lq = length if noisy_rows_only else 2 * length
+    rng = np.random.default_rng(length * 10 + block)
+    with jax.enable_x64(True):
+        q = jnp.asarray(rng.standard_normal((2, lq, 3, 4)))
+        k, v = (jnp.asarray(rng.standard_normal((2, 2 * length, 3, 4))) for _ in range(2))
+        w = jnp.asarray(rng.standard_normal((2, lq, 3, 4)))
+        mask = bd3lm_two_pass_mask(length, block)[:lq]
+        sparse = lambda *a: attend_two_pass(*a, block)
+        dense = lambda *a: _dense_masked_attention(*a, mask)
+        np.testing.assert_allclose(sparse(q, k, v), dense(q, k, v), atol=1e-12)
+        grads = [jax.grad(lambda *a: (f(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+                 for f in (sparse, dense)]
+        for gs, gd in zip(*grads):
+            np.testing.assert_allclose(gs, gd, atol=1e-12)
+
+
+def test_block_sparse_two_pass_attention_rejects_bad_shapes():
+    q = jnp.zeros((1, 6, 2, 4))
+    with pytest.raises(ValueError, match="two-pass attention"):
+        attend_two_pass(q, jnp.zeros((1, 16, 2, 4)), jnp.zeros((1, 16, 2, 4)), 4)
+
+
+def test_matmul_rows_equals_einsum():
+    rng = np.random.default_rng(0)
+    x, w1, w2 = (jnp.asarray(rng.standard_normal(s)) for s in [(2, 3, 4, 5), (5, 3, 2), (4, 5, 6)])
+    np.testing.assert_allclose(matmul_rows(x, w1), jnp.einsum("abcd,dxy->abcxy", x, w1),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(matmul_rows(x, w2, n_in=2), jnp.einsum("abcd,cdy->aby", x, w2),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"last 2 axes of x \(2, 3, 4, 5\)"):
+        matmul_rows(x, w1, n_in=2)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_keeps_values_and_gradients(remat):
+    xt, x0, s = _tokens(11), _tokens(12), jnp.array([0.7, 1.3])
+    key = jax.random.key(3)
+
+    def loss_and_grads(model):
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            m = nnx.merge(graphdef, params)
+            return (m.two_pass(xt, x0, s, BS, deterministic=False, rngs=key) ** 2).mean()
+        # The policy must really be applied: one checkpoint per block in the traced program.
+        program = str(jax.make_jaxpr(loss)(params))
+        n_checkpoints = program.count("remat2[") + program.count("checkpoint[")  # name varies
+        assert n_checkpoints == (0 if model.remat == "none" else model.depth), n_checkpoints
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (l0, g0), (l1, g1) = (loss_and_grads(random_model(2, dropout=0.1, remat=r))
+                          for r in ("none", remat))
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="remat='all'"):
+        random_model(2, remat="all")
+    assert set(config.REMAT_POLICIES) == set(transformer.REMAT_POLICIES)  # config accepts = model knows
 
 
 def test_two_pass_dependencies(dit):

@@ -185,6 +185,7 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
     ("data.tokenizer", "gpt2", "data.tokenizer_path=''"),
     ("diffusion.clip", (0.8, 0.2), "diffusion.clip"),
     ("mesh.shape", (3, -1), "mesh.shape"),
+    ("model.remat", "all", "model.remat='all' is not allowed"),
 ])
 def test_bad_config_raises_one_clear_error(field, value, match):
     cfg = _cfg("mdlm")

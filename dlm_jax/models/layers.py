@@ -32,12 +32,16 @@ and ``sharding.py`` places them (``nnx.get_partition_spec`` + its rules table, j
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dlm_jax.masks import bd3lm_two_pass_mask
 
 Array = jax.Array
 DType = jnp.dtype | type
@@ -74,6 +78,25 @@ def torch_like_init(in_axis=-2, out_axis=-1):
 # Simple layers
 # ---------------------------------------------------------------------------------------------
 
+def matmul_rows(x: Array, w: Array, n_in: int = 1) -> Array:
+    """Contracts the last `n_in` axes of x (..., *I) with the first `n_in` of w (*I, *O).
+
+    Returns (..., *O). Computed over the flattened rows (N, *I) of x. Why: the weight gradient of
+    a (B, L, ...) dot contracts two row axes (B, L), for which XLA:CPU makes a transposed copy of
+    the output gradient, and fusion recomputes the whole residual-stream gradient chain inside
+    each such copy (quadratic in depth; ~30% of an MDLM step at the benchmark size). With one row
+    axis the weight gradient is a plain matmul. Weight axes are never merged, so their shardings
+    (e.g. heads over "tensor") stay as they are.
+    """
+    lead, inner = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    if inner != w.shape[:n_in]:
+        raise ValueError(f"matmul_rows: the last {n_in} axes of x {x.shape} must equal the first "
+                         f"{n_in} of w {w.shape}")
+    y = jax.lax.dot_general(x.reshape((-1,) + inner), w,
+                            ((tuple(range(1, n_in + 1)), tuple(range(n_in))), ((), ())))
+    return y.reshape(lead + w.shape[n_in:])
+
+
 class Dense(nnx.Module):
     """y = x @ kernel + bias. kernel (Din, Dout) float32, matmul in `dtype`, output in `dtype`."""
 
@@ -87,7 +110,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """(..., Din) -> (..., Dout) in `dtype`."""
-        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul_rows(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -222,15 +245,61 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 # Attention
 # ---------------------------------------------------------------------------------------------
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+@dataclasses.dataclass(frozen=True)
+class TwoPassMask:
+    """The BD3-LM two-pass pattern over [x_t ⊕ x_0] (`masks.bd3lm_two_pass_mask`), as a layout.
+
+    Passed to `attend` in place of the dense (2L, 2L) boolean mask, it selects `attend_two_pass`,
+    which never forms the masked-out three quarters of the score matrix.
+    """
+
+    block_size: int
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | TwoPassMask | None) -> Array:
     """Softmax attention, scale 1/sqrt(Dh), softmax in float32.
 
-    q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk) (True = may attend) or None
-    (full). Returns (B, Lq, H, Dh) in q's dtype.
+    q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk) (True = may attend), None
+    (full) or a `TwoPassMask`. Returns (B, Lq, H, Dh) in q's dtype.
     """
+    if isinstance(mask, TwoPassMask):
+        return attend_two_pass(q, k, v, mask.block_size)
     m = None if mask is None else mask[:, None, :, :]
     return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0 / math.sqrt(q.shape[-1]),
                                         implementation="xla")
+
+
+def _score_dtype(q: Array) -> jnp.dtype:
+    """Scores and softmax run in float32 (float64 when the inputs are float64)."""
+    return jnp.promote_types(q.dtype, jnp.float32)
+
+
+def _scores(q: Array, k: Array, mask: Array | None) -> Array:
+    """Scaled scores (B, H, Lq, Lk) of q (B, Lq, H, Dh) against k (B, Lk, H, Dh), in float32.
+
+    Masked-out entries (mask bool (B|1, Lq, Lk) False) get a large negative score.
+    """
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype),
+                   preferred_element_type=_score_dtype(q)) * (1.0 / math.sqrt(q.shape[-1]))
+    return s if mask is None else jnp.where(mask[:, None], s, jnp.asarray(-1e30, s.dtype))
+
+
+def _joint_softmax(*scores: Array) -> list[Array]:
+    """Softmax over the concatenation of score segments (…, Lq, Lk_i) along the key axis.
+
+    Returns one probability array per segment, without materialising the concatenation. Every
+    row must have at least one unmasked entry in some segment.
+    """
+    m = jax.lax.stop_gradient(  # any shift is exact; stopping it skips the max's backward
+        functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores]))
+    exps = [jnp.exp(s - m) for s in scores]
+    denom = functools.reduce(jnp.add, [e.sum(-1, keepdims=True) for e in exps])
+    return [e / denom for e in exps]
+
+
+def _weighted_values(p: Array, v: Array) -> Array:
+    """p (B, H, Lq, Lk) probabilities, v (B, Lk, H, Dh) -> (B, Lq, H, Dh) in v's dtype."""
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
 
 
 def attend_with_prefix(q: Array, k_pre: Array, v_pre: Array, mask_pre: Array,
@@ -242,20 +311,45 @@ def attend_with_prefix(q: Array, k_pre: Array, v_pre: Array, mask_pre: Array,
     mask bool (B|1, Lq, Lk) or None (full). Every query row must be allowed at least one key.
     Returns (B, Lq, H, Dh) in q's dtype.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    big_neg = jnp.float32(-1e30)
-    s_pre = jnp.einsum("bqhd,bkhd->bhqk", q, k_pre.astype(q.dtype),
-                       preferred_element_type=jnp.float32) * scale
-    s_cur = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    s_pre = jnp.where(mask_pre[:, None], s_pre, big_neg)
-    if mask is not None:
-        s_cur = jnp.where(mask[:, None], s_cur, big_neg)
-    m = jnp.maximum(s_pre.max(-1, keepdims=True), s_cur.max(-1, keepdims=True))
-    p_pre = jnp.exp(s_pre - m)
-    p_cur = jnp.exp(s_cur - m)
-    denom = p_pre.sum(-1, keepdims=True) + p_cur.sum(-1, keepdims=True)
-    o = (jnp.einsum("bhqk,bkhd->bqhd", (p_pre / denom).astype(v.dtype), v_pre.astype(v.dtype))
-         + jnp.einsum("bhqk,bkhd->bqhd", (p_cur / denom).astype(v.dtype), v))
+    p_pre, p_cur = _joint_softmax(_scores(q, k_pre, mask_pre), _scores(q, k, mask))
+    o = _weighted_values(p_pre, v_pre.astype(v.dtype)) + _weighted_values(p_cur, v)
+    return o.astype(q.dtype)
+
+
+def attend_two_pass(q: Array, k: Array, v: Array, block_size: int) -> Array:
+    """BD3-LM two-pass attention over [x_t ⊕ x_0] without the dense (2L, 2L) score matrix.
+
+    Equals `attend(q, k, v, bd3lm_two_pass_mask(L, block_size)[:, :Lq])`: a noisy query in block b
+    sees its own noisy block (bidirectionally) and the clean blocks < b; a clean query in block b
+    sees the clean blocks ≤ b; no query sees another noisy block. So the noisy keys are needed
+    only block-diagonally: scores are (L, Lb) within the noisy blocks plus (Lq, L) against the
+    clean half, instead of (Lq, 2L) — half the work and memory of the dense form, for any Lb.
+
+    q (B, Lq, H, Dh) with Lq = 2L (both halves) or L (noisy rows only, as in the last layer);
+    k/v (B, 2L, H, Dh). Returns (B, Lq, H, Dh) in q's dtype.
+    """
+    B, Lq, H, Dh = q.shape
+    L = k.shape[1] // 2
+    if k.shape[1] != 2 * L or Lq not in (L, 2 * L) or L % block_size:
+        raise ValueError(f"two-pass attention needs k of length 2L with L % {block_size} == 0 and "
+                         f"q of length L or 2L; got q {q.shape}, k {k.shape}")
+    nb = L // block_size
+    full = bd3lm_two_pass_mask(L, block_size)[None]
+    k_noisy, k_clean, v_noisy, v_clean = k[:, :L], k[:, L:], v[:, :L], v[:, L:]
+
+    # Noisy queries: their own noisy block (no mask inside a block) and the clean prefix.
+    def blocks(x):
+        return x.reshape(B, nb, block_size, H, Dh)
+    s_own = jnp.einsum("bnqhd,bnkhd->bhnqk", blocks(q[:, :L]), blocks(k_noisy).astype(q.dtype),
+                       preferred_element_type=_score_dtype(q)) * (1.0 / math.sqrt(Dh))
+    s_pre = _scores(q[:, :L], k_clean, full[:, :L, L:])       # (B, H, L, L)
+    p_own, p_pre = _joint_softmax(s_own.reshape(B, H, L, block_size), s_pre)
+    o_own = jnp.einsum("bhnqk,bnkhd->bnqhd", p_own.reshape(B, H, nb, block_size, block_size)
+                       .astype(v.dtype), blocks(v_noisy))
+    o = o_own.reshape(B, L, H, Dh) + _weighted_values(p_pre, v_clean)
+    if Lq == 2 * L:  # clean queries: block-causal over the clean half only
+        p_clean, = _joint_softmax(_scores(q[:, L:], k_clean, full[:, L:, L:]))
+        o = jnp.concatenate([o, _weighted_values(p_clean, v_clean)], axis=1)
     return o.astype(q.dtype)
 
 
@@ -278,12 +372,12 @@ class Attention(nnx.Module):
 
     def project(self, x: Array) -> tuple[Array, Array, Array]:
         """x (B, L, D) -> pre-rotary q, k, v, each (B, L, H, Dh) in `dtype`."""
-        qkv = jnp.einsum("bld,dthk->tblhk", x.astype(self.dtype), self.qkv[...].astype(self.dtype))
-        return qkv[0], qkv[1], qkv[2]
+        qkv = matmul_rows(x.astype(self.dtype), self.qkv[...].astype(self.dtype))
+        return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
 
     def output(self, o: Array) -> Array:
         """o (B, L, H, Dh) -> (B, L, D) in `dtype`."""
-        return jnp.einsum("blhk,hkd->bld", o.astype(self.dtype), self.out[...].astype(self.dtype))
+        return matmul_rows(o.astype(self.dtype), self.out[...].astype(self.dtype), n_in=2)
 
 
 class Mlp(nnx.Module):

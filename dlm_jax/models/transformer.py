@@ -11,8 +11,9 @@ process has one), D width, H heads, Dh = D/H, C cond_dim, N depth.
 Modes:
   * ``__call__``: one forward with an explicit boolean attention mask (default: full, i.e. MDLM /
     SEDD bidirectional; the AR model always ANDs in the causal mask).
-  * ``two_pass``: BD3-LM training in one pass over [x_t ⊕ x_0] (2L) with the two-pass mask and
-    rotary positions 0…L−1 reused for both halves; only the x_t half reaches the output layer.
+  * ``two_pass``: BD3-LM training in one pass over [x_t ⊕ x_0] (2L) with the two-pass mask
+    (computed block-sparsely by `layers.attend_two_pass`) and rotary positions 0…L−1 reused for
+    both halves; only the x_t half reaches the output layer.
   * ``init_cache`` / ``decode_block``: block-by-block decoding with an explicit KV-cache pytree.
 
 Causal (AR) variant, ``causal=True``: exactly bd3lms' ``DDiTBlockCausal`` (§1.9): no σ embedder,
@@ -36,11 +37,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dlm_jax.masks import bd3lm_two_pass_mask, causal_mask
+from dlm_jax.masks import causal_mask
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
-                                   Dense, apply_rotary, attend, attend_with_prefix, dropout,
-                                   modulate, per_row, rotary_cos_sin)
+                                   Dense, TwoPassMask, apply_rotary, attend, attend_with_prefix,
+                                   dropout, modulate, per_row, rotary_cos_sin)
 
 Array = jax.Array
 
@@ -58,6 +59,13 @@ class ModelSize:
     heads: int
     cond_dim: int
 
+
+# What the backward pass may keep from a block's forward (`jax.checkpoint` policies).
+REMAT_POLICIES = {
+    "none": None,  # no checkpointing: keep everything
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 MODEL_SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(width=64, depth=2, heads=4, cond_dim=32),      # tests
@@ -113,21 +121,24 @@ class DiTBlock(nnx.Module):
         branch = dropout(self.mlp(x), self.dropout_rate, k_mlp, deterministic).astype(jnp.float32)
         return h + (branch if mod is None else per_row(mod[..., 5, :]) * branch)
 
-    def __call__(self, h: Array, c: Array | None, cos: Array, sin: Array, mask: Array | None, *,
+    def __call__(self, h: Array, c: Array | None, cos: Array, sin: Array,
+                 mask: Array | TwoPassMask | None, *,
                  q_rows: int | None = None, deterministic: bool = True,
                  key: Array | None = None) -> Array:
         """One block over h (B, L, D) float32 with conditioning c (B, C) (None without adaLN).
 
-        cos/sin (B|1, L, Dh) rotary tables; mask bool (B|1, L, L) or None (full). With q_rows, only
-        the first q_rows rows are computed as queries/outputs (keys still cover all L rows): returns
-        (B, q_rows, D). Returns (B, L, D) float32 otherwise.
+        cos/sin (B|1, L, Dh) rotary tables; mask bool (B|1, L, L), None (full) or a TwoPassMask
+        (the BD3-LM layout over [x_t ⊕ x_0]). With q_rows, only the first q_rows rows are
+        computed as queries/outputs (keys still cover all L rows): returns (B, q_rows, D).
+        Returns (B, L, D) float32 otherwise.
         """
         mod = self._modulation(c)
         q, k, v = self.attn.project(self._attn_input(h, mod))
         k = apply_rotary(k, cos, sin)
         if q_rows is not None:
             q, h, cos, sin = q[:, :q_rows], h[:, :q_rows], cos[:, :q_rows], sin[:, :q_rows]
-            mask = None if mask is None else mask[:, :q_rows]
+            if isinstance(mask, jax.Array):  # a TwoPassMask adapts to q's length itself
+                mask = mask[:, :q_rows]
             if mod is not None and mod.ndim == 4:  # per-token conditioning
                 mod = mod[:, :q_rows]
         q = apply_rotary(q, cos, sin)
@@ -192,6 +203,9 @@ class DiT(nnx.Module):
       token_conditioning: a σ given per token (B, L) modulates each token by its own σ instead of
         the reference's average over L (block-wise noise levels, e.g. block SEDD). With a KV
         cache, commit clean blocks with σ = 0, as the clean half of the two-pass training input.
+      remat: activation rematerialisation per block, trading compute for memory: "none",
+        "block" (keep only each block's input; recompute the block in the backward pass) or
+        "dots" (keep the matmul outputs, recompute the element-wise ops). Values are unchanged.
       dtype: compute dtype of matmuls (e.g. jnp.bfloat16); params are `param_dtype` (float32).
       rngs: parameter initialisation RNG (only the ``params`` stream is used).
     """
@@ -199,7 +213,7 @@ class DiT(nnx.Module):
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
                  cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                  causal: bool = False, time_conditioning: bool = False,
-                 token_conditioning: bool = False, dtype=jnp.float32,
+                 token_conditioning: bool = False, remat: str = "none", dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
@@ -210,6 +224,9 @@ class DiT(nnx.Module):
         self.adaln = not causal
         self.time_conditioning = bool(time_conditioning) and not causal
         self.token_conditioning = bool(token_conditioning)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; choose from {sorted(REMAT_POLICIES)}")
+        self.remat = remat
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
@@ -284,13 +301,26 @@ class DiT(nnx.Module):
         keys = _split_keys(key, self.depth)
         last = self.depth - 1
         for i, block in enumerate(self.blocks):
-            h = block(h, c, cos, sin, mask, q_rows=out_rows if i == last else None,
-                      deterministic=deterministic, key=keys[i])
+            h = self._apply_block(block, h, c, cos, sin, mask,
+                                  q_rows=out_rows if i == last else None,
+                                  deterministic=deterministic, key=keys[i])
         if out_rows is not None:
             h = h[:, :out_rows]
             if c is not None and c.ndim == 3:
                 c = c[:, :out_rows]
         return self.final(h, c)
+
+    def _apply_block(self, block: DiTBlock, h: Array, c, cos, sin, mask, *, q_rows,
+                     deterministic: bool, key) -> Array:
+        """`block(h, …)`, under `jax.checkpoint` with the configured remat policy."""
+        if self.remat == "none":
+            return block(h, c, cos, sin, mask, q_rows=q_rows, deterministic=deterministic, key=key)
+        graphdef, params = nnx.split(block)
+
+        def run(params, h, c, cos, sin, key):
+            return nnx.merge(graphdef, params)(h, c, cos, sin, mask, q_rows=q_rows,
+                                               deterministic=deterministic, key=key)
+        return jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])(params, h, c, cos, sin, key)
 
     def __call__(self, tokens: Array, sigma: Array | None = None, *, mask: Array | None = None,
                  positions: Array | None = None, deterministic: bool = True,
@@ -336,7 +366,7 @@ class DiT(nnx.Module):
         tokens = jnp.concatenate([xt, x0], axis=1)
         half = jnp.arange(L, dtype=jnp.int32)
         positions = jnp.concatenate([half, half])[None]
-        mask = bd3lm_two_pass_mask(L, block_size)[None]
+        mask = TwoPassMask(block_size)  # attention computed block-sparsely
         key = self._dropout_key(rngs, deterministic)
         c = self._conditioning(sigma, B, L, clean_rows=L)
         return self._forward(tokens, c, mask, positions, out_rows=L,
