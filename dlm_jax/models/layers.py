@@ -275,7 +275,7 @@ def _score_dtype(q: Array) -> jnp.dtype:
 
 
 def _scores(q: Array, k: Array, mask: Array | None) -> Array:
-    """Scaled scores (B, H, Lq, Lk) of q (B, Lq, H, Dh) against k (B, Lk, H, Dh), in float32.
+    """Scaled scores (B, H, Lq, Lk) of q (B, Lq, H, Dh) against k (B, Lk, H, Dh) (`_score_dtype`).
 
     Masked-out entries (mask bool (B|1, Lq, Lk) False) get a large negative score.
     """
