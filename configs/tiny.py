@@ -3,32 +3,21 @@
     python -m dlm_jax.train --config configs/tiny.py:bd3lm,block=4 --workdir /tmp/tiny
 
 arg: "<family>[,block=N][,process=uniform|absorbing][,source=markov|stdlib]" with family one of
-ar, mdlm, bd3lm, sedd, d3pm.
+ar, mdlm, bd3lm, sedd, d3pm, ctmc, csm (`dlm_jax.registry.FAMILIES`).
 """
-from dlm_jax.config import Config, apply_family
+from dlm_jax.config import Config, parse_arg
+from dlm_jax.registry import apply_family
 
-
-def parse_arg(arg: str | None) -> tuple[str, dict]:
-    parts = [p for p in (arg or "mdlm").split(",") if p]
-    family, opts = parts[0], {}
-    for p in parts[1:]:
-        k, _, v = p.partition("=")
-        opts[k] = v
-    return family, opts
+OPTIONS = {"block": int, "process": str, "source": str}
 
 
 def get_config(arg: str | None = None) -> Config:
-    family, opts = parse_arg(arg)
+    (family,), opts = parse_arg(arg, positional=("mdlm",), options=OPTIONS,
+                                where="configs/tiny.py")
     cfg = Config(name=f"tiny-{family}")
-    block = int(opts.get("block", 0))
-    apply_family(cfg, family, block)
-    if "process" in opts:
-        cfg.diffusion.process = opts["process"]
-    if cfg.diffusion.process == "uniform" and cfg.diffusion.objective == "score_entropy":
-        cfg.diffusion.schedule = "geometric"
-        cfg.diffusion.sigma_min, cfg.diffusion.sigma_max = 1e-3, 8.0
-    if family == "d3pm":
-        cfg.diffusion.d3pm_steps = 20
+    apply_family(cfg, family, block=opts.get("block", 0), process=opts.get("process"))
+    cfg.diffusion.sigma_min, cfg.diffusion.sigma_max = 1e-3, 8.0  # geometric / linear schedules
+    cfg.diffusion.d3pm_steps = 20
     cfg.data.source = opts.get("source", "markov")
     cfg.data.seq_len = 32
     cfg.data.markov_vocab, cfg.data.markov_order = 8, 1

@@ -19,11 +19,12 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """Thin wrapper around `ocp.CheckpointManager` for (state, data iterator) pairs."""
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+                 create: bool = True):
         self.directory = os.path.abspath(directory)
         self._mngr = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                  enable_async_checkpointing=async_save))
 
     def latest_step(self) -> int | None:

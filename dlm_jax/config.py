@@ -5,13 +5,10 @@ field from the command line (`--config.optim.lr=3e-4`). `validate()` then turns 
 into one `ConfigError` naming the key, the value and what is allowed. No logic beyond checks and
 derived sizes lives here.
 
-Families (`diffusion.family`) are shorthands for a process × objective × block size; every field
-can still be set on its own, so combinations no paper ran are a config change:
-  ar      causal transformer, next-token NLL                    (objective "ar")
-  mdlm    absorbing process, masked NELBO, one block            (objective "nelbo", block_size 0)
-  bd3lm   absorbing process, masked NELBO, blocks of block_size (two-pass training)
-  sedd    absorbing or uniform process, score entropy           (objective "score_entropy")
-  d3pm    discrete-time uniform/absorbing, VLB + λ·CE           (objective "d3pm")
+What is trained is `diffusion.objective` × `diffusion.process` × `diffusion.block_size`;
+`registry.FAMILIES` holds the named presets (ar, mdlm, bd3lm, sedd, d3pm, ctmc, csm) and
+`registry.METHODS` the objective → `Method` table. Every field can still be set on its own, so
+combinations no paper ran are a config change.
 """
 
 import dataclasses
@@ -30,23 +27,33 @@ class DataConfig:
     tfds_name: str = ""             # tfds: dataset name (e.g. "lm1b")
     tfds_data_dir: str = ""
     text_key: str = "text"
+    text_per_line: bool = False     # text: one document per line instead of per file
+    validation_fraction: float = 0.02  # stdlib / text: share of documents in validation
     tokenizer: str = "byte"         # byte | gpt2 (encoder.json + vocab.bpe) | hf (tokenizer.json)
     tokenizer_path: str = ""
+    add_bos: bool = False           # put the tokenizer's BOS before every document
+    add_eos: bool = True            # and its EOS after
     seq_len: int = 128
     mode: str = "wrap"              # wrap | pack
+    pack_bins: int = 16             # pack: open bins of the streaming first-fit packer
     max_bytes: int = 0              # cap on the corpus read (0: no cap)
     markov_order: int = 2
     markov_vocab: int = 8
     markov_seed: int = 0
     markov_num_tokens: int = 200_000
+    markov_concentration: float = 0.1  # Dirichlet concentration of the chain's transition rows
     num_threads: int = 2
     prefetch: int = 2
     seed: int = 0
 
 
 # Activation rematerialisation of the transformer blocks (DiT `remat`): none, recompute each
-# block in the backward pass, or recompute all but the matmul outputs.
+# block in the backward pass, or recompute all but the matmul outputs (models/transformer.py maps
+# each name to its `jax.checkpoint` policy).
 REMAT_POLICIES = ("none", "block", "dots")
+
+# diffusion.objective: the keys of registry.METHODS.
+OBJECTIVES = ("ar", "nelbo", "score_entropy", "d3pm", "ctmc", "csm")
 
 
 @dataclasses.dataclass
@@ -67,9 +74,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DiffusionConfig:
-    family: str = "bd3lm"           # ar | mdlm | bd3lm | sedd | d3pm (see module docstring)
+    objective: str = "nelbo"        # ar | nelbo | score_entropy | d3pm | ctmc | csm
     process: str = "absorbing"      # absorbing | uniform
-    objective: str = "nelbo"        # ar | nelbo | score_entropy | d3pm
     schedule: str = "loglinear"     # loglinear | geometric | linear | cosine
     schedule_eps: float = 1e-3      # loglinear / cosine eps
     sigma_min: float = 1e-4         # geometric / linear
@@ -86,6 +92,7 @@ class DiffusionConfig:
     d3pm_steps: int = 1000
     d3pm_schedule: str = "auto"     # linear | cosine | jsd | auto (uniform: cosine, absorbing: jsd)
     hybrid_lambda: float = 0.01
+    csm_estimator: str = "exact"    # csm: exact (all L·(V-1) neighbours) | sampled (one of each)
 
 
 @dataclasses.dataclass
@@ -171,16 +178,6 @@ class Config:
         return build(cls, values, "")
 
 
-FAMILIES = {
-    # family: (objective, process, block size rule)
-    "ar": "ar",
-    "mdlm": "nelbo",
-    "bd3lm": "nelbo",
-    "sedd": "score_entropy",
-    "d3pm": "d3pm",
-}
-
-
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"config.{key}={value!r} is not allowed; choose one of {sorted(allowed)}")
@@ -221,25 +218,30 @@ def validate(cfg: Config) -> Config:
     for key in ("width", "depth", "heads", "cond_dim", "mlp_ratio"):
         _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
 
-    _choice("diffusion.family", df.family, set(FAMILIES))
-    _choice("diffusion.objective", df.objective, {"ar", "nelbo", "score_entropy", "d3pm"})
+    _choice("diffusion.objective", df.objective, set(OBJECTIVES))
     _choice("diffusion.process", df.process, {"absorbing", "uniform"})
     _choice("diffusion.schedule", df.schedule, {"loglinear", "geometric", "linear", "cosine"})
     _choice("diffusion.d3pm_schedule", df.d3pm_schedule, {"linear", "cosine", "jsd", "auto"})
     if df.objective == "nelbo":
         _check(df.process == "absorbing", "diffusion.process", df.process,
                "objective 'nelbo' (masked NELBO) needs the absorbing process")
-    if df.family == "ar":
-        _check(df.objective == "ar", "diffusion.objective", df.objective, "family 'ar' needs objective 'ar'")
+    _choice("diffusion.csm_estimator", df.csm_estimator, {"exact", "sampled"})
     bs = block_size(cfg)
     _check(bs >= 1 and d.seq_len % bs == 0, "diffusion.block_size", df.block_size,
            f"must divide data.seq_len={d.seq_len} (0 means the whole sequence)")
     _check(0.0 < df.sampling_eps < 1.0, "diffusion.sampling_eps", df.sampling_eps, "must be in (0, 1)")
     lo, hi = df.clip
     _check(0.0 <= lo <= hi <= 1.0, "diffusion.clip", df.clip, "needs 0 <= beta_l <= beta_u <= 1")
+    if df.objective in ("ctmc", "csm"):
+        _check(bs == d.seq_len, "diffusion.block_size", df.block_size,
+               f"objective {df.objective!r} trains whole sequences (0 or data.seq_len)")
     if df.resample:
         _check(df.process == "absorbing", "diffusion.resample", df.resample,
                "mask-fraction resampling needs the absorbing process")
+    if df.var_min:
+        _check(df.objective in ("nelbo", "score_entropy") and df.process == "absorbing",
+               "diffusion.var_min", df.var_min, "the clip search needs a continuous-time "
+               "objective (nelbo or score_entropy) over the absorbing process")
     _check(df.d3pm_steps >= 1, "diffusion.d3pm_steps", df.d3pm_steps, "must be >= 1")
     _check(df.hybrid_lambda >= 0, "diffusion.hybrid_lambda", df.hybrid_lambda, "must be >= 0")
 
@@ -266,14 +268,34 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def apply_family(cfg: Config, family: str, block: int = 0) -> Config:
-    """Set the process/objective/model fields that define `family`; returns cfg."""
-    _choice("diffusion.family", family, set(FAMILIES))
-    df = cfg.diffusion
-    df.family = family
-    df.objective = FAMILIES[family]
-    df.block_size = block
-    cfg.model.time_conditioning = family in ("sedd", "d3pm")
-    if family == "ar":
-        df.block_size = 1
-    return cfg
+def parse_arg(arg: str | None, *, positional: tuple[str, ...], options: dict[str, type],
+              where: str) -> tuple[list[str], dict[str, Any]]:
+    """Parse a config file's argument "a,b,key=value,…" (`configs/x.py:a,b,key=value`).
+
+    `positional` gives the defaults of the leading values (missing ones take them), `options`
+    the known keys and their types. An unknown key or a bad value is a ConfigError naming
+    `where` (the config file) and the allowed keys.
+    """
+    parts = [p for p in (arg or "").split(",") if p]
+    values = [p for p in parts if "=" not in p]
+    if len(values) > len(positional):
+        raise ConfigError(f"{where}: too many positional values {values}; expected at most "
+                          f"{len(positional)} ({', '.join(positional)}) then key=value options")
+    values += list(positional[len(values):])
+    opts: dict[str, Any] = {}
+    for p in parts:
+        if "=" not in p:
+            continue
+        key, _, value = p.partition("=")
+        if key not in options:
+            import difflib
+            close = difflib.get_close_matches(key, options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown option {key!r}{hint}; known options: "
+                              f"{', '.join(sorted(options))}")
+        try:
+            opts[key] = options[key](value)
+        except ValueError:
+            raise ConfigError(f"{where}: option {key}={value!r} must be a "
+                              f"{options[key].__name__}") from None
+    return values, opts

@@ -2,7 +2,9 @@
 
 Restores the newest checkpoint (EMA parameters when the run kept them) with the run's own
 config.json and prints the validation loss: NELBO (diffusion) or NLL (AR) in nats/token, its
-perplexity, and bits per byte for byte-level runs. `--batches` sets how many validation batches.
+perplexity, bits per byte for byte-level runs, and for BD3-LM the clipping interval the run
+trains with (the clip search's choice, from the checkpoint). `--batches` sets how many
+validation batches. Nothing is written to the workdir.
 """
 import json
 import os
@@ -17,23 +19,41 @@ flags.mark_flag_as_required("workdir")
 
 def evaluate_run(workdir: str, batches: int = 0) -> dict:
     """Validation metrics of the newest checkpoint in `workdir` (see module docstring)."""
+    import jax
+
+    from dlm_jax import registry
+    from dlm_jax.checkpoint import Checkpointer
     from dlm_jax.config import Config
-    from dlm_jax.trainer import Trainer
+    from dlm_jax.evals import build_evaluators, validation_batches
+    from dlm_jax.state import make_optimizer
+    from dlm_jax.steps import TrainProgram
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a dlm_jax training run?")
     with open(path) as f:
         cfg = Config.from_dict(json.load(f))
-    if batches:
-        cfg.train.eval_batches = batches
-    cfg.diffusion.var_min = False  # the clip search changes training, not the likelihood
-    trainer = Trainer(cfg, workdir, measure_mfu=False)
+    exp = registry.build(cfg)
+    program = TrainProgram(exp, make_optimizer(cfg.optim, cfg.train.steps))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} not found: the run has no checkpoint yet")
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep, async_save=False, create=False)
     try:
-        step, state = trainer.ckpt.restore_state_only(trainer.abstract_state)
-        return {"step": step, **trainer.evaluate(state)}
+        step, state = ckpt.restore_state_only(program.abstract_state)
     finally:
-        trainer.close()
+        ckpt.close()
+    # The clip search changes training, not the likelihood: validation only.
+    evaluators = build_evaluators(exp, program, batches=batches or None, clip_search=False)
+    params = state.ema_params if state.ema_params is not None else state.params
+    val = validation_batches(exp)
+    out = {"step": step}
+    for evaluator in evaluators:
+        out.update(evaluator(params, val)[0])
+    if exp.method.clip_search:
+        lo, hi = (float(c) for c in jax.device_get(state.clip))
+        out.update({"clip/beta_l": lo, "clip/beta_u": hi})
+    return out
 
 
 def main(argv) -> int:

@@ -1,4 +1,4 @@
-"""Metrics: host-0 JSONL (and TensorBoard when asked), progress lines, FLOP estimates."""
+"""Metrics: host-0 JSONL (and TensorBoard when asked), progress lines, the matmul peak."""
 from __future__ import annotations
 
 import json
@@ -64,15 +64,6 @@ def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: f
     mfu_txt = f" mfu {100 * mfu:5.1f}%" if mfu is not None else ""
     return (f"step {step:>6d}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
             f"{tokens_per_s:,.0f} tok/s{mfu_txt} | eta {format_duration(eta_s)}")
-
-
-def transformer_train_flops_per_token(num_params: int, depth: int, width: int,
-                                      attended: int) -> float:
-    """6·N for the matmuls (forward + backward) plus 12·depth·width·attended for attention.
-
-    `attended` is the mean number of keys each query attends to (L for full attention over L).
-    """
-    return 6.0 * num_params + 12.0 * depth * width * attended
 
 
 def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:

@@ -1,78 +1,154 @@
-"""The one place where config strings become processes, schedules, models and data.
+"""The one place where config strings become components: `METHODS`, `FAMILIES` and `build(cfg)`.
 
-Everything the trainer, the evaluator and the samplers build from a `Config` goes through here,
-so a new combination of process × objective × block size is a config change.
+`build(cfg)` resolves a validated `Config` once into an `Experiment` — tokenizer, method (with
+its process and schedule), the model's graph definition and abstract parameters, the mesh and
+shardings — which training, evaluation, benchmarks and sampling share. A family (`FAMILIES`) is
+a preset of objective × process × block size; every field stays settable on its own, so
+combinations no paper ran (block diffusion with score entropy over a uniform process) are a
+config change.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+from typing import Any, Callable
 
-import jax.numpy as jnp
+import jax
 from flax import nnx
 
-from dlm_jax.config import Config, ConfigError
-from dlm_jax.models.transformer import MODEL_SIZES, DiT
+from dlm_jax import sharding
+from dlm_jax.config import Config, ConfigError, OBJECTIVES, block_size, validate
+from dlm_jax.methods import (Autoregressive, ConcreteScoreMatching, ContinuousTimeELBO,
+                             DiscreteTime, Masked, Method, ScoreEntropy)
+from dlm_jax.methods.csm import MAX_EXACT_NEIGHBOURS
+from dlm_jax.models.transformer import DiT, build_model, model_dims
 from dlm_jax.processes import schedules, transitions
+from dlm_jax.processes.d3pm import D3PM
 
 
-def build_schedule(cfg: Config, *, clipped: bool = True) -> schedules.Schedule:
-    """The noise schedule; wrapped in `Clipped` when `diffusion.clip` is not (sampling_eps, 1)."""
+# ---------------------------------------------------------------------------------------------
+# Families: presets of (objective, process, block size) and their published settings
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """objective; fixed_block (AR: 1); time_conditioning of the model; per-process overrides;
+    `paper`: the published settings that `configs/presets.py` adds (dotted key → value)."""
+
+    objective: str
+    fixed_block: int | None = None
+    time_conditioning: bool = False
+    per_process: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    paper: tuple[tuple[str, Any], ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    "ar": Family("ar", fixed_block=1),
+    "mdlm": Family("nelbo"),
+    "bd3lm": Family("nelbo", paper=(("diffusion.resample", True), ("diffusion.var_min", True),
+                                    ("diffusion.clip_search_batches", 100),
+                                    ("train.steps", 150_000))),  # fine-tuned from block L
+    "sedd": Family("score_entropy", time_conditioning=True,
+                   per_process=(("uniform", (("diffusion.schedule", "geometric"),)),)),
+    "d3pm": Family("d3pm", time_conditioning=True,
+                   paper=(("diffusion.d3pm_steps", 1000), ("diffusion.hybrid_lambda", 0.01))),
+    "ctmc": Family("ctmc", time_conditioning=True),
+    "csm": Family("csm"),
+}
+
+
+def set_fields(cfg: Config, values) -> Config:
+    """Set dotted fields ("diffusion.resample", True) on cfg; an unknown key is a ConfigError."""
+    for dotted, value in values:
+        section, _, key = dotted.partition(".")
+        target = getattr(cfg, section, None)
+        if target is None or not hasattr(target, key):
+            raise ConfigError(f"config.{dotted} is not a known key")
+        setattr(target, key, value)
+    return cfg
+
+
+def apply_family(cfg: Config, family: str, *, block: int = 0, process: str | None = None
+                 ) -> Config:
+    """Set the objective, process, block size and model conditioning that define `family`."""
+    if family not in FAMILIES:
+        close = difflib.get_close_matches(family, FAMILIES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"family {family!r} is not known{hint}; choose one of "
+                          f"{sorted(FAMILIES)}")
+    fam = FAMILIES[family]
     df = cfg.diffusion
-    if df.schedule == "loglinear":
-        base = schedules.LogLinear(df.schedule_eps)
-    elif df.schedule == "cosine":
-        base = schedules.Cosine(df.schedule_eps)
-    else:
-        base = schedules.make_schedule(df.schedule, sigma_min=df.sigma_min, sigma_max=df.sigma_max)
-    lo, hi = df.clip
-    if clipped and (lo, hi) != (df.sampling_eps, 1.0):
-        return schedules.Clipped(base, float(lo), float(hi))
-    return base
+    df.objective = fam.objective
+    df.block_size = fam.fixed_block if fam.fixed_block is not None else block
+    if process is not None:
+        df.process = process
+    cfg.model.time_conditioning = fam.time_conditioning
+    return set_fields(cfg, dict(fam.per_process).get(df.process, ()))
 
 
-def build_process(cfg: Config, token_vocab: int):
-    """The continuous-time process over `token_vocab` real tokens (None for AR)."""
-    if cfg.diffusion.objective == "ar":
-        return None
-    if cfg.diffusion.objective == "d3pm":
-        from dlm_jax.processes.d3pm import D3PM
-        schedule = None if cfg.diffusion.d3pm_schedule == "auto" else cfg.diffusion.d3pm_schedule
-        return D3PM(kind=cfg.diffusion.process, vocab_size=token_vocab,
-                    num_steps=cfg.diffusion.d3pm_steps, schedule=schedule)
-    return transitions.make_process(cfg.diffusion.process, token_vocab)
+# ---------------------------------------------------------------------------------------------
+# Methods: objective -> Method, built from the config
+# ---------------------------------------------------------------------------------------------
+
+def build_schedule(cfg: Config) -> schedules.Schedule:
+    """The continuous-time noise schedule (training times come from `diffusion.clip`)."""
+    df = cfg.diffusion
+    if df.schedule in ("loglinear", "cosine"):
+        return schedules.make_schedule(df.schedule, eps=df.schedule_eps)
+    return schedules.make_schedule(df.schedule, sigma_min=df.sigma_min, sigma_max=df.sigma_max)
 
 
-def model_vocab_size(cfg: Config, token_vocab: int) -> int:
-    """Rows of the embedding / columns of the head: the process's state count (mask included)."""
-    process = build_process(cfg, token_vocab)
-    return token_vocab if process is None else process.num_states
+def _continuous(cfg: Config, token_vocab: int) -> dict:
+    df = cfg.diffusion
+    return dict(process=transitions.make_process(df.process, token_vocab),
+                schedule=build_schedule(cfg), seq_len=cfg.data.seq_len,
+                block_size=block_size(cfg), sampling_eps=df.sampling_eps,
+                antithetic=df.antithetic, resample=df.resample)
 
 
-def model_dims(cfg: Config) -> dict:
-    """Width/depth/heads/cond_dim: the size preset, overridden by any non-zero explicit field."""
-    m = cfg.model
-    if m.size not in MODEL_SIZES:
-        raise ConfigError(f"config.model.size={m.size!r} is not allowed; choose one of "
-                          f"{sorted(MODEL_SIZES)}")
-    preset = dataclasses.asdict(MODEL_SIZES[m.size])
-    dims = {k: (getattr(m, k) or preset[k]) for k in ("width", "depth", "heads", "cond_dim")}
-    if dims["width"] % dims["heads"] or (dims["width"] // dims["heads"]) % 2:
-        raise ConfigError(f"config.model.width={dims['width']} must split into "
-                          f"config.model.heads={dims['heads']} heads of even width")
-    return dims
+def _d3pm(cfg: Config, token_vocab: int) -> DiscreteTime:
+    df = cfg.diffusion
+    schedule = None if df.d3pm_schedule == "auto" else df.d3pm_schedule
+    process = D3PM(kind=df.process, vocab_size=token_vocab, num_steps=df.d3pm_steps,
+                   schedule=schedule)
+    return DiscreteTime(process=process, hybrid_lambda=df.hybrid_lambda)
 
 
-def build_model(cfg: Config, token_vocab: int, rngs: nnx.Rngs) -> DiT:
-    """The DiT backbone (diffusion families) or its causal variant (AR)."""
-    dims = model_dims(cfg)
-    dtype = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else jnp.float32
-    return DiT(model_vocab_size(cfg, token_vocab), dims["width"], dims["depth"], dims["heads"],
-               cond_dim=dims["cond_dim"], mlp_ratio=cfg.model.mlp_ratio,
-               dropout=cfg.model.dropout, causal=cfg.diffusion.objective == "ar",
-               time_conditioning=cfg.model.time_conditioning,
-               token_conditioning=cfg.model.token_conditioning, remat=cfg.model.remat,
-               dtype=dtype, rngs=rngs)
+def _csm(cfg: Config, token_vocab: int) -> ConcreteScoreMatching:
+    L, est = cfg.data.seq_len, cfg.diffusion.csm_estimator
+    neighbours = L * (token_vocab - 1)
+    if est == "exact" and neighbours > MAX_EXACT_NEIGHBOURS:
+        raise ConfigError(
+            f"config.diffusion.csm_estimator='exact' runs the model at all data.seq_len × "
+            f"(vocab − 1) = {L} × {token_vocab - 1} = {neighbours} Hamming neighbours of each "
+            f"sequence, more than {MAX_EXACT_NEIGHBOURS}: use a small vocabulary (e.g. "
+            f"data.source='markov') or csm_estimator='sampled'")
+    return ConcreteScoreMatching(num_states=token_vocab, seq_len=L, estimator=est)
 
+
+METHODS: dict[str, Callable[[Config, int], Method]] = {
+    "ar": lambda cfg, vocab: Autoregressive(),
+    "nelbo": lambda cfg, vocab: Masked(**_continuous(cfg, vocab)),
+    "score_entropy": lambda cfg, vocab: ScoreEntropy(**_continuous(cfg, vocab),
+                                                     scale_by_sigma=cfg.model.scale_by_sigma),
+    "d3pm": _d3pm,
+    "ctmc": lambda cfg, vocab: ContinuousTimeELBO(
+        process=transitions.make_process(cfg.diffusion.process, vocab),
+        schedule=build_schedule(cfg), antithetic=cfg.diffusion.antithetic),
+    "csm": _csm,
+}
+assert set(METHODS) == set(OBJECTIVES), "config.OBJECTIVES and registry.METHODS disagree"
+
+
+def build_method(cfg: Config, token_vocab: int) -> Method:
+    """The `Method` of `diffusion.objective` over `token_vocab` real tokens."""
+    return METHODS[cfg.diffusion.objective](cfg, token_vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
 
 def build_tokenizer(cfg: Config):
     """The tokenizer named by `data.tokenizer` (None for the synthetic Markov source)."""
@@ -82,21 +158,81 @@ def build_tokenizer(cfg: Config):
     return make_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
 
 
-def token_vocab_size(cfg: Config, tokenizer) -> int:
-    """Number of real token ids the data can contain."""
-    return cfg.data.markov_vocab if tokenizer is None else tokenizer.vocab_size
+# ---------------------------------------------------------------------------------------------
+# The experiment
+# ---------------------------------------------------------------------------------------------
+
+def _new_model(cfg: Config, method: Method, token_vocab: int, seed: int) -> DiT:
+    return build_model(cfg.model, vocab_size=method.model_vocab(token_vocab),
+                       causal=method.causal, rngs=nnx.Rngs(seed))
 
 
-def build_dataset(cfg: Config, tokenizer, split: str, *, global_batch: int, repeat: bool,
-                  process_index: int = 0, process_count: int = 1, shuffle: bool = True):
-    """The grain pipeline for `split` with this config's data settings."""
-    from dlm_jax.data.pipeline import make_dataset
-    d = cfg.data
-    return make_dataset(
-        source=d.source, split=split, seq_len=d.seq_len, global_batch=global_batch,
-        tokenizer=tokenizer, mode=d.mode, seed=d.seed, shuffle=shuffle, repeat=repeat,
-        process_index=process_index, process_count=process_count, paths=tuple(d.paths),
-        tfds_name=d.tfds_name, tfds_data_dir=d.tfds_data_dir, text_key=d.text_key,
-        max_bytes=d.max_bytes or None, markov_order=d.markov_order, markov_vocab=d.markov_vocab,
-        markov_seed=d.markov_seed, markov_num_tokens=d.markov_num_tokens,
-        num_threads=d.num_threads, prefetch=d.prefetch)
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything resolved from one config, shared by train, evaluate, bench and sample.
+
+    params are pure dicts (`nnx.to_pure_dict`); `abstract_params` holds their
+    ShapeDtypeStructs and `param_shardings` their NamedShardings on `mesh`.
+    """
+
+    cfg: Config
+    tokenizer: Any
+    token_vocab: int
+    method: Method
+    graphdef: Any
+    abstract_params: Any
+    mesh: jax.sharding.Mesh
+    param_shardings: Any
+    batch_sharding: jax.sharding.NamedSharding
+    num_params: int
+
+    def new_model(self, seed: int) -> DiT:
+        """A freshly initialised model (parameters from `seed`)."""
+        return _new_model(self.cfg, self.method, self.token_vocab, seed)
+
+    def model(self, params) -> DiT:
+        """The model with `params` (a pure dict), e.g. inside a jitted function."""
+        return nnx.merge(self.graphdef, params)
+
+    def flops_per_token(self) -> float:
+        dims = model_dims(self.cfg.model)
+        return self.method.flops_per_token(num_params=self.num_params, depth=dims["depth"],
+                                           width=dims["width"], seq_len=self.cfg.data.seq_len)
+
+    def dataset(self, split: str, *, global_batch: int, repeat: bool, shuffle: bool = True):
+        """This host's grain pipeline for `split` (train / validation)."""
+        from dlm_jax.data.pipeline import make_dataset
+        return make_dataset(self.cfg.data, split=split, global_batch=global_batch,
+                            tokenizer=self.tokenizer, shuffle=shuffle, repeat=repeat,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+
+
+def build(cfg: Config, devices=None) -> Experiment:
+    """Validate `cfg` and resolve it into an `Experiment` (no parameters are allocated)."""
+    from dlm_jax.data.pipeline import dataset_vocab_size
+    validate(cfg)
+    tokenizer = build_tokenizer(cfg)
+    token_vocab = dataset_vocab_size(cfg.data.source, tokenizer,
+                                     markov_vocab=cfg.data.markov_vocab)
+    method = build_method(cfg, token_vocab)
+    if cfg.data.mode not in method.data_modes:
+        raise ConfigError(f"config.data.mode={cfg.data.mode!r} is not supported by objective "
+                          f"{cfg.diffusion.objective!r} ({method.name}); it supports "
+                          f"{list(method.data_modes)}")
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = tuple(cfg.mesh.rules)
+    shards = sharding.batch_divisor(mesh, rules)
+    if cfg.train.batch_size % (shards * cfg.optim.accum_steps):
+        raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} must be divisible by "
+                          f"the batch shards ({shards}) × config.optim.accum_steps "
+                          f"({cfg.optim.accum_steps})")
+    abstract_model = nnx.eval_shape(lambda: _new_model(cfg, method, token_vocab, cfg.train.seed))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    return Experiment(
+        cfg=cfg, tokenizer=tokenizer, token_vocab=token_vocab, method=method, graphdef=graphdef,
+        abstract_params=abstract_params, mesh=mesh,
+        param_shardings=sharding.param_shardings(abstract_state, mesh, rules),
+        batch_sharding=sharding.batch_sharding(mesh, rules),
+        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)))

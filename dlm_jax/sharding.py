@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and host-local → global batches.
+"""Device mesh, logical-axis rules and the shardings of parameters and batches.
 
 One mesh with axes ("data", "fsdp", "tensor") built with explicit `AxisType.Auto` axes (classic
 GSPMD propagation; `jax.make_mesh` defaults to Explicit in jax 0.10). Parameters carry logical
@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -97,9 +96,3 @@ def batch_divisor(mesh, rules) -> int:
     """The number of shards of the batch dimension; global batch sizes must be multiples."""
     axes = tuple(a for a in _mesh_axes_for("batch", dict(rules)) if a in mesh.shape)
     return math.prod(mesh.shape[a] for a in axes) if axes else 1
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Host-local numpy batch → global jax.Arrays (each host passes only its own rows)."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}

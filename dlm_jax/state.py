@@ -18,12 +18,15 @@ from dlm_jax.config import OptimConfig
 
 @flax.struct.dataclass
 class TrainState:
-    """step: int32 scalar; params / ema_params: pure dicts of float32 arrays; opt_state: optax."""
+    """step: int32 scalar; params / ema_params: pure dicts of float32 arrays; opt_state: optax;
+    clip: float32 (2,), the training time interval [β_l, β_u] of the clipped schedule (BD3-LM),
+    state rather than config because the clip search changes it during training."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     ema_params: Any
+    clip: jax.Array
 
 
 def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -60,8 +63,9 @@ def ema_update(ema_params, params, step: jax.Array, decay: float):
     return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
 
 
-def init_state(params, tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
+def init_state(params, tx: optax.GradientTransformation, ema_decay: float,
+               clip: tuple[float, float] = (1e-3, 1.0)) -> TrainState:
     """A fresh state at step 0 (EMA starts at the parameters; None when disabled)."""
     ema = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=ema)
+                      ema_params=ema, clip=jnp.asarray(clip, jnp.float32))

@@ -1,9 +1,10 @@
-"""Pure train / eval steps and their jitted, sharded versions.
+"""Pure train / eval steps of an `Experiment`, their shardings and their jitted versions.
 
 The model is rebuilt inside the step from its graph definition and the params pure dict
 (`nnx.merge`), so the step is a pure function of (state, batch). Per-step randomness is
 `fold_in(key(seed), step)`: a resumed run reproduces the keys of an uninterrupted one, and with
-jax's partitionable threefry the draws do not depend on the mesh.
+jax's partitionable threefry the draws do not depend on the mesh. The clip interval of the state
+is passed to the loss as a traced value: a new interval from the clip search needs no recompile.
 """
 from __future__ import annotations
 
@@ -15,27 +16,27 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dlm_jax.config import Config
+from dlm_jax.checkpoint import abstract_with_shardings
+from dlm_jax.config import OptimConfig
 from dlm_jax.state import TrainState, ema_update, init_state, learning_rate
 
 
-def make_train_step(cfg: Config, graphdef, loss_fn, tx: optax.GradientTransformation
+def make_train_step(method, graphdef, tx: optax.GradientTransformation, optim: OptimConfig, *,
+                    total_steps: int, seed: int
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """(state, batch) -> (state, metrics); gradient accumulation by a scan over microbatches."""
-    accum = cfg.optim.accum_steps
-    lr_fn = learning_rate(cfg.optim, cfg.train.steps)
-    seed = cfg.train.seed
+    accum = optim.accum_steps
+    lr_fn = learning_rate(optim, total_steps)
 
-    def micro(params, batch, key):
-        model = nnx.merge(graphdef, params)
-        return loss_fn(model, batch, key, train=True)
+    def micro(params, batch, key, clip):
+        return method.loss(nnx.merge(graphdef, params), batch, key, train=True, clip=clip)
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         if accum == 1:
-            (loss, _), grads = grad_fn(state.params, batch, key)
+            (loss, _), grads = grad_fn(state.params, batch, key, state.clip)
         else:
             micro_batches = jax.tree.map(
                 lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
@@ -43,7 +44,7 @@ def make_train_step(cfg: Config, graphdef, loss_fn, tx: optax.GradientTransforma
             def body(carry, xs):
                 g_sum, l_sum = carry
                 mb, i = xs
-                (l, _), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+                (l, _), g = grad_fn(state.params, mb, jax.random.fold_in(key, i), state.clip)
                 return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -55,22 +56,21 @@ def make_train_step(cfg: Config, graphdef, loss_fn, tx: optax.GradientTransforma
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = ema_update(ema, params, state.step, cfg.optim.ema_decay)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               ema_params=ema)
+            ema = ema_update(ema, params, state.step, optim.ema_decay)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema_params=ema)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef, loss_fn, seed: int) -> Callable[[Any, dict, jax.Array], dict]:
+def make_eval_step(method, graphdef, seed: int) -> Callable[[Any, dict, jax.Array], dict]:
     """(params, batch, index) -> metrics, with the key fold_in(key(seed + 1), index)."""
 
     def eval_step(params, batch: dict, index):
         key = jax.random.fold_in(jax.random.key(seed + 1), index)
-        model = nnx.merge(graphdef, params)
-        loss, metrics = loss_fn(model, batch, key, train=False)
+        _, metrics = method.loss(nnx.merge(graphdef, params), batch, key, train=False)
         return metrics
 
     return eval_step
@@ -83,9 +83,40 @@ def state_shardings(state_like: TrainState, param_sh, tx, mesh) -> TrainState:
         tx, lambda _, s: s, state_like.opt_state, param_sh,
         transform_non_params=lambda _: replicated)
     ema_sh = param_sh if state_like.ema_params is not None else None
-    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, ema_params=ema_sh)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, ema_params=ema_sh,
+                      clip=replicated)
 
 
-def abstract_state(params_abstract, tx, ema_decay: float) -> TrainState:
-    """ShapeDtypeStructs of a fresh TrainState, without allocating it."""
-    return jax.eval_shape(lambda p: init_state(p, tx, ema_decay), params_abstract)
+class TrainProgram:
+    """An experiment's optimizer, state layout and jitted steps (built once, compiled once).
+
+    `init()` a fresh sharded state; `step(state, global_batch)` one donated train step;
+    `eval_step(params, global_batch, index)` evaluation metrics; `abstract_state` the
+    ShapeDtypeStructs with shardings that checkpoints restore into.
+    """
+
+    def __init__(self, exp, tx: optax.GradientTransformation):
+        cfg = exp.cfg
+        self.exp, self.tx = exp, tx
+        self.clip = tuple(float(c) for c in cfg.diffusion.clip)
+        abstract = jax.eval_shape(
+            lambda p: init_state(p, tx, cfg.optim.ema_decay, self.clip), exp.abstract_params)
+        self.state_shardings = state_shardings(abstract, exp.param_shardings, tx, exp.mesh)
+        self.abstract_state = abstract_with_shardings(abstract, self.state_shardings)
+        self.step = jax.jit(
+            make_train_step(exp.method, exp.graphdef, tx, cfg.optim, total_steps=cfg.train.steps,
+                            seed=cfg.train.seed),
+            in_shardings=(self.state_shardings, exp.batch_sharding),
+            out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(exp.method, exp.graphdef, cfg.train.seed),
+                                 in_shardings=(exp.param_shardings, exp.batch_sharding, None))
+
+    def init(self) -> TrainState:
+        exp, cfg = self.exp, self.exp.cfg
+
+        def init():
+            params = nnx.to_pure_dict(nnx.split(exp.new_model(cfg.train.seed))[1])
+            return init_state(params, self.tx, cfg.optim.ema_decay, self.clip)
+
+        # No mesh context here: parameters are created unsharded and placed by out_shardings.
+        return jax.jit(init, out_shardings=self.state_shardings)()

@@ -41,9 +41,10 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
-        print(f"dlm_jax: {cfg.name} | family {cfg.diffusion.family} | objective "
+        exp = trainer.exp
+        print(f"dlm_jax: {cfg.name} | method {exp.method.name} | objective "
               f"{cfg.diffusion.objective} | process {cfg.diffusion.process} | "
-              f"{trainer.num_params / 1e6:.2f}M params | {jax.device_count()} device(s) | "
+              f"{exp.num_params / 1e6:.2f}M params | {jax.device_count()} device(s) | "
               f"workdir {trainer.workdir}", flush=True)
     try:
         summary = trainer.run()

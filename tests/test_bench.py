@@ -1,7 +1,10 @@
 """Smoke test of the throughput benchmark: tiny size, one family, 2 timed steps, JSON keys."""
 import json
+import os
+import sys
 
-from dlm_jax import bench
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench  # noqa: E402
 
 
 def test_bench_train_tiny_smoke(tmp_path):
@@ -24,3 +27,11 @@ def test_bench_train_tiny_smoke(tmp_path):
     assert case["tokens_per_s"] > 0 and 0 < case["mfu"]
     assert case["tokens_per_s"] == 8 * 32 / case["step_s"]["median"]
     assert "| mdlm |" in data["table"]
+
+
+def test_bench_profile_tiny_smoke(tmp_path):
+    result = bench.main(["profile", "--size", "tiny", "--families", "ar,bd3lm", "--steps", "1",
+                         "--passes", "1", "--quiet"])
+    for fam in ("ar", "bd3lm"):
+        med = result["families"][fam]["median_s"]
+        assert med["train_step"] > 0 and med["loss_value_and_grad"] > 0

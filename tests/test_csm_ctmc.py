@@ -1,13 +1,17 @@
-"""Concrete score matching (eqs. 2.3/2.4) and the CTMC ELBO (eqs. 3.20/3.29) on enumerable problems.
+"""Concrete score matching and the CTMC ELBO on enumerable problems.
+
+Equation numbers refer to the module docstrings of `dlm_jax.objectives.csm` (CSM, Meng et al.,
+2022) and `dlm_jax.objectives.ctmc` (the CTMC ELBO, Campbell et al., 2022).
 
 Every check enumerates a tiny state space (vocabulary ≤ 3, length ≤ 2) with a random data
-distribution, so the expectations are exact sums and the reference values are closed forms:
-  * CSM: the explicit (2.3) and trainable (2.4) objectives differ by Σ_x p(x)‖c_p(x)‖² for every
-    model; both are minimised at the true concrete score, with zero gradient there.
-  * CTMC: with the exact denoiser (the true posterior marginals q(x0^d | x_t)) the reverse rate of
-    eq. (3.20) is the true time reversal, and the time integral of the bound equals
+distribution, so the expectations are exact sums and the reference values are closed forms
+(the exact denoisers and marginals come from `dlm_jax.oracles`):
+  * CSM: the explicit (csm (2)) and trainable (csm (3)) objectives differ by Σ_x p(x)‖c_p(x)‖²
+    for every model; both are minimised at the true concrete score, with zero gradient there.
+  * CTMC: with the exact denoiser (the true posterior marginals q(x0^d | x_t)) the reverse rate
+    (ctmc (2)) is the true time reversal, and the time integral of the bound equals
     KL(q_{t0|0}(·|x0) ‖ p_{t0}) - KL(q_{1|0}(·|x0) ‖ p_1) for every x0 (-log p0(x0) when σ̄(t0) = 0
-    and the process reaches p_1 exactly); the Monte-Carlo estimator of eq. (3.29) is unbiased.
+    and the process reaches p_1 exactly); the Monte-Carlo estimator (ctmc (8)) is unbiased.
 """
 import functools
 
@@ -17,18 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dlm_jax import oracles
 from dlm_jax.objectives import csm, ctmc
 from dlm_jax.processes import schedules, transitions
 
-
-def _seqs(num_states: int, length: int) -> jnp.ndarray:
-    grid = np.stack(np.meshgrid(*[np.arange(num_states)] * length, indexing="ij"), -1)
-    return jnp.asarray(grid.reshape(-1, length), jnp.int32)
-
-
-def _flat(x, num_states):
-    length = x.shape[-1]
-    return (x * num_states ** jnp.arange(length - 1, -1, -1)).sum(-1)
+_seqs = oracles.all_sequences
+_flat = oracles.sequence_index
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,26 +126,16 @@ def test_csm_sampled_estimator_is_unbiased():
 
 def _data(process, length, seed):
     """Random p0 over (S,)*L; zero on any sequence containing the absorbing mask."""
-    s = process.num_states
-    p0 = np.random.default_rng(seed).dirichlet(np.ones(s ** length)).reshape((s,) * length)
-    if process.mask_id is not None:
-        for d in range(length):
-            idx = [slice(None)] * length
-            idx[d] = process.mask_id
-            p0[tuple(idx)] = 0.0
-        p0 /= p0.sum()
-    return p0
+    return oracles.random_joint(seed, process.num_states, length, process.mask_id)
 
 
 def _denoiser(process, p0_flat, length, pert=None, eps=0.0):
     """Exact posterior marginals q(x0^d | x_t) (times exp(eps·pert[x_t, d, x0]) if perturbed)."""
     s = process.num_states
-    hot = jax.nn.one_hot(_seqs(s, length), s, dtype=p0_flat.dtype)     # (K, L, S)
+    joint = p0_flat.reshape((s,) * length)
 
     def fn(xt, sigma_bar):
-        lik = process.likelihood(xt, sigma_bar[:, None])                # (N, L, S)
-        joint = jnp.einsum("nls,kls->nkl", lik, hot).prod(-1) * p0_flat  # (N, K)
-        post = jnp.einsum("nk,kls->nls", joint / joint.sum(-1, keepdims=True), hot)
+        post = oracles.exact_x0_posterior(joint, process, xt, sigma_bar)  # (N, L, S)
         if pert is not None:
             post = post * jnp.exp(eps * pert[_flat(xt, s)])
             post = post / post.sum(-1, keepdims=True)
@@ -156,22 +144,13 @@ def _denoiser(process, p0_flat, length, pert=None, eps=0.0):
 
 
 def _marginal(process, p0, sigma_bar):
-    """p_t over (S,)*L by applying expm(σ̄Q) along every axis."""
-    s = process.num_states
-    pt = np.asarray(p0)
-    kernel = np.asarray(process.transition(jnp.arange(s), sigma_bar))   # [x0, x]
-    for d in range(pt.ndim):
-        pt = np.moveaxis(np.tensordot(pt, kernel, axes=([d], [0])), -1, d)
-    return pt
+    """p_t over (S,)*L."""
+    return np.asarray(oracles.exact_marginal(jnp.asarray(p0), process, sigma_bar))
 
 
 def _cond(process, x0, sigma_bar):
     """q_{t|0}(· | x0) over (S,)*L, flattened."""
-    q = np.asarray(process.transition(jnp.asarray(x0), sigma_bar))
-    out = q[0]
-    for d in range(1, len(x0)):
-        out = np.multiply.outer(out, q[d])
-    return out.reshape(-1)
+    return np.asarray(oracles.transition_table(process, jnp.asarray(x0)[None], sigma_bar)[0])
 
 
 def _kl(a, b):
@@ -183,7 +162,7 @@ DENSE_Q = np.array([[-1.0, 0.7, 0.3], [0.2, -0.5, 0.3], [0.9, 0.6, -1.5]])
 
 
 @pytest.mark.parametrize("process", [transitions.Uniform(3), transitions.Absorbing(2),
-                                     transitions.Dense(DENSE_Q)], ids=repr)
+                                     transitions.MatrixProcess(DENSE_Q)], ids=repr)
 @pytest.mark.parametrize("length", [1, 2])
 def test_x0_reverse_rate_with_exact_posterior_is_time_reversal(process, length):
     with jax.enable_x64(True):
@@ -203,9 +182,8 @@ def test_x0_reverse_rate_with_exact_posterior_is_time_reversal(process, length):
         np.testing.assert_allclose(rates.sum(-1), 0.0, atol=1e-12)
         # Expected: σQ[y, x^d]·p_t(x^{d←y})/p_t(x) for y ≠ x^d.
         xs_np = np.asarray(xs)
-        nb = np.asarray(csm.hamming_neighbors(xs, s))                     # (N, L, S, L)
-        strides = s ** np.arange(length - 1, -1, -1)
-        ratio = pt[(nb * strides).sum(-1)] / pt[(xs_np * strides).sum(-1)][:, None, None]
+        ratio = np.exp(np.asarray(oracles.exact_log_ratios(jnp.asarray(p0), process, xs,
+                                                           sigma_bar)))    # (N, L, S)
         expected = sigma * q.T[xs_np] * ratio                              # q.T[x, y] = Q[y, x]
         off = ~np.eye(s, dtype=bool)[xs_np]
         np.testing.assert_allclose(rates[off], expected[off], rtol=1e-9, atol=1e-12)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dlm_jax import oracles
 from dlm_jax.objectives.d3pm import (d3pm_bound_all_steps, d3pm_exact_bound, d3pm_loss,
                                      d3pm_prior_term)
 from dlm_jax.processes.d3pm import D3PM, d3pm_betas
@@ -58,30 +59,24 @@ def _exact_denoiser(p: D3PM, seqs: np.ndarray, probs: np.ndarray, joint_optimal:
 
     seqs (N, L) real-token sequences with probabilities probs (N,). With `joint_optimal` the table
     holds log q(x0|x_t) - log q(x_t|x0), the optimum of the joint parameterisation (L = 1).
-    Returns the float64 table (T+1, C, L, S), C = S^L noisy sequences in row-major order.
+    Returns the float64 table (T+1, C, L, S), C = S^L noisy sequences in row-major order; rows of
+    impossible noisy sequences (and t = 0) are 0. The posteriors are `oracles.exact_x0_posterior`.
     """
     s, T = p.num_states, p.num_steps
-    n, length = seqs.shape
-    _, qbar = _dense_products(p)
-    configs = np.array(list(itertools.product(range(s), repeat=length)))  # (C, L), row-major
-    table = np.zeros((T + 1, len(configs), length, s))
-    for t in range(1, T + 1):
-        lik = np.prod(qbar[t][seqs[:, None, :], configs[None, :, :]], axis=-1)  # (N, C)
-        joint = probs[:, None] * lik
-        for c in range(len(configs)):
-            total = joint[:, c].sum()
-            for l in range(length):
-                post = np.zeros(s)
-                np.add.at(post, seqs[:, l], joint[:, c])
-                if total == 0:
-                    table[t, c, l] = 0.0
-                    continue
-                post = post / total
-                if joint_optimal:
-                    col = qbar[t][:, configs[c, l]]
-                    post = np.where(col > 0, post / np.where(col > 0, col, 1), 0.0)
-                with np.errstate(divide="ignore"):
-                    table[t, c, l] = np.log(post)
+    length = seqs.shape[1]
+    joint = np.zeros((p.vocab_size,) * length)
+    np.add.at(joint, tuple(seqs.T), probs)
+    with jax.enable_x64(True):
+        configs = oracles.all_sequences(s, length)  # (C, L), row-major
+        table = np.zeros((T + 1, configs.shape[0], length, s))
+        for t in range(1, T + 1):
+            post = np.asarray(oracles.exact_x0_posterior(jnp.asarray(joint), p, configs, t))
+            if joint_optimal:
+                col = np.asarray(p.likelihood(configs, t))  # q(x_t^l | x0^l = ·): (C, L, S)
+                post = np.where(col > 0, post / np.where(col > 0, col, 1), 0.0)
+            possible = post.sum(-1, keepdims=True) > 0
+            with np.errstate(divide="ignore"):
+                table[t] = np.where(possible, np.log(post), 0.0)
     return table
 
 

@@ -1,5 +1,6 @@
 """Tests of the data layer: tokenizers, sources, grain pipelines, TFDS build, Markov entropy."""
 
+import dataclasses
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from dlm_jax.config import DataConfig
 from dlm_jax.data import build_tfds, pipeline, sources, tokenizers
 from dlm_jax.data import make_dataset, make_tokenizer
 
@@ -219,9 +221,9 @@ def test_wrap_chunks_and_eos(tmp_path, add_bos):
     _write_text_files(str(tmp_path))
     tok = tokenizers.ByteTokenizer()
     docs = sources.text_documents(str(tmp_path / "*.txt"), "train", per_line=True)
-    ds = make_dataset(source="text", split="train", seq_len=16, global_batch=1, tokenizer=tok,
-                      paths=str(tmp_path / "*.txt"), text_per_line=True, shuffle=False,
-                      repeat=False, add_bos=add_bos)
+    ds = make_dataset(DataConfig(source="text", seq_len=16, paths=str(tmp_path / "*.txt"),
+                                 text_per_line=True, add_bos=add_bos),
+                      split="train", global_batch=1, tokenizer=tok, shuffle=False, repeat=False)
     batches = _all_batches(ds)
     assert all(set(b) == {"tokens"} and b["tokens"].shape == (1, 16) and
                b["tokens"].dtype == np.int32 for b in batches)
@@ -243,9 +245,9 @@ def test_pack_segments_and_positions(tmp_path):
     glob = str(tmp_path / "*.txt")
     docs = sources.text_documents(glob, "train", per_line=True)
     seq_len = 24
-    ds = make_dataset(source="text", split="train", seq_len=seq_len, global_batch=1,
-                      tokenizer=tok, paths=glob, text_per_line=True, mode="pack", shuffle=False,
-                      repeat=False)
+    ds = make_dataset(DataConfig(source="text", seq_len=seq_len, paths=(glob,),
+                                 text_per_line=True, mode="pack"),
+                      split="train", global_batch=1, tokenizer=tok, shuffle=False, repeat=False)
     batches = _all_batches(ds)
     assert all(set(b) == {"tokens", "segment_ids", "positions"} for b in batches)
     segs = [s for b in batches for s in _segments(b)]
@@ -277,23 +279,23 @@ def test_tfds_build_and_read_back(tmp_path):
     assert len(builder.as_data_source(split="train")) == len(got["train"])
 
     tok = tokenizers.ByteTokenizer()
-    ds = make_dataset(source="tfds", split="train", seq_len=256, global_batch=1, tokenizer=tok,
-                      mode="pack", tfds_name="tiny_text", tfds_data_dir=str(out),
-                      shuffle=False, repeat=False)
+    ds = make_dataset(DataConfig(source="tfds", seq_len=256, mode="pack", tfds_name="tiny_text",
+                                 tfds_data_dir=str(out)),
+                      split="train", global_batch=1, tokenizer=tok, shuffle=False, repeat=False)
     texts = sorted(tok.decode(s) for b in _all_batches(ds) for s in _segments(b))
     assert texts == got["train"]
     # wrap through ConcatThenSplit: the token stream is the records with EOS, in record order.
-    ds = make_dataset(source="tfds", split="train", seq_len=32, global_batch=2, tokenizer=tok,
-                      tfds_name="tiny_text", tfds_data_dir=str(out), shuffle=False,
-                      repeat=False)
+    ds = make_dataset(DataConfig(source="tfds", seq_len=32, tfds_name="tiny_text",
+                                 tfds_data_dir=str(out)),
+                      split="train", global_batch=2, tokenizer=tok, shuffle=False, repeat=False)
     stream = np.concatenate([b["tokens"].reshape(-1) for b in _all_batches(ds)])
     records = [srcs["train"][i]["text"] for i in range(len(srcs["train"]))]
     expected = np.concatenate([np.r_[tok.encode(r), 257] for r in records])
     assert len(stream) > 0 and len(stream) % 64 == 0
     np.testing.assert_array_equal(stream, expected[: len(stream)])
     with pytest.raises(FileNotFoundError, match="no_such_set"):
-        make_dataset(source="tfds", split="train", seq_len=8, global_batch=1,
-                     tfds_name="no_such_set", tfds_data_dir=str(out))
+        make_dataset(DataConfig(source="tfds", seq_len=8, tfds_name="no_such_set",
+                                tfds_data_dir=str(out)), split="train", global_batch=1)
 
 
 @pytest.fixture(scope="module")
@@ -327,8 +329,8 @@ def _state_roundtrip(make, n=5, m=7):
 @pytest.mark.parametrize("mode", ["wrap", "pack"])
 def test_iterator_state_roundtrip_in_memory(mode):
     state = _state_roundtrip(lambda: make_dataset(
-        source="stdlib", split="validation", seq_len=64, global_batch=4, mode=mode,
-        max_bytes=20_000, seed=3))
+        DataConfig(source="stdlib", seq_len=64, mode=mode, max_bytes=20_000, seed=3),
+        split="validation", global_batch=4))
     json.dumps(state)  # the state is plain JSON (what grain's orbax handler writes)
 
 
@@ -336,8 +338,9 @@ def test_iterator_state_roundtrip_in_memory(mode):
 def test_iterator_state_roundtrip_tfds(tiny_tfds, mode):
     # small data, many epochs: the resumed stream crosses epoch boundaries and packing bins.
     _state_roundtrip(lambda: make_dataset(
-        source="tfds", split="train", seq_len=48, global_batch=3, mode=mode,
-        tfds_name="state_text", tfds_data_dir=tiny_tfds, seed=1, pack_bins=4), n=9, m=12)
+        DataConfig(source="tfds", seq_len=48, mode=mode, tfds_name="state_text",
+                   tfds_data_dir=tiny_tfds, seed=1, pack_bins=4),
+        split="train", global_batch=3), n=9, m=12)
 
 
 def test_iterator_orbax_checkpoint(tmp_path):
@@ -345,8 +348,8 @@ def test_iterator_orbax_checkpoint(tmp_path):
     import orbax.checkpoint as ocp
 
     def make():
-        return make_dataset(source="markov", split="train", seq_len=32, global_batch=4,
-                            markov_num_tokens=32 * 64, seed=5)
+        return make_dataset(DataConfig(source="markov", seq_len=32, markov_num_tokens=32 * 64,
+                                       seed=5), split="train", global_batch=4)
 
     it = iter(make())
     for _ in range(3):
@@ -363,39 +366,41 @@ def test_iterator_orbax_checkpoint(tmp_path):
 def test_host_sharding_disjoint(tmp_path, tiny_tfds):
     _write_text_files(str(tmp_path), n_files=6, lines_per_file=6)
     glob = str(tmp_path / "*.txt")
-    common = dict(split="train", seq_len=64, global_batch=2, mode="pack", shuffle=False,
-                  repeat=False)
+    text = DataConfig(source="text", seq_len=64, mode="pack", paths=(glob,), text_per_line=True)
+    common = dict(split="train", global_batch=2, shuffle=False, repeat=False)
     per_host = [{s for b in _all_batches(make_dataset(
-        source="text", paths=glob, text_per_line=True, process_index=i, process_count=2,
-        **common)) for s in _segments(b)} for i in range(2)]
-    alone = {s for b in _all_batches(make_dataset(source="text", paths=glob, text_per_line=True,
-                                                  **{**common, "global_batch": 1}))
+        text, process_index=i, process_count=2, **common)) for s in _segments(b)}
+        for i in range(2)]
+    alone = {s for b in _all_batches(make_dataset(text, **{**common, "global_batch": 1}))
              for s in _segments(b)}
     assert per_host[0] and per_host[1] and not per_host[0] & per_host[1]
     assert per_host[0] | per_host[1] == alone  # lines are shorter than seq_len: one piece each
     assert all(b["tokens"].shape == (1, 64) for b in _all_batches(make_dataset(
-        source="text", paths=glob, text_per_line=True, process_index=1, process_count=2,
-        **common)))
+        text, process_index=1, process_count=2, **common)))
+    tfds_data = DataConfig(source="tfds", seq_len=64, mode="pack", tfds_name="state_text",
+                           tfds_data_dir=tiny_tfds)
     tfds_hosts = [{s for b in _all_batches(make_dataset(
-        source="tfds", tfds_name="state_text", tfds_data_dir=tiny_tfds, process_index=i,
-        process_count=2, **common)) for s in _segments(b)} for i in range(2)]
-    assert tfds_hosts[0] and tfds_hosts[1] and not tfds_hosts[0] & tfds_hosts[1]
-    markov_hosts = [{tuple(r) for b in _all_batches(make_dataset(
-        source="markov", split="train", seq_len=32, global_batch=4, markov_num_tokens=32 * 40,
-        repeat=False, shuffle=False, process_index=i, process_count=2)) for r in b["tokens"]}
+        tfds_data, process_index=i, process_count=2, **common)) for s in _segments(b)}
         for i in range(2)]
+    assert tfds_hosts[0] and tfds_hosts[1] and not tfds_hosts[0] & tfds_hosts[1]
+    markov = DataConfig(source="markov", seq_len=32, markov_num_tokens=32 * 40)
+    markov_hosts = [{tuple(r) for b in _all_batches(make_dataset(
+        markov, split="train", global_batch=4, repeat=False, shuffle=False, process_index=i,
+        process_count=2)) for r in b["tokens"]} for i in range(2)]
     assert len(markov_hosts[0]) == len(markov_hosts[1]) == 20
     assert not markov_hosts[0] & markov_hosts[1]
     with pytest.raises(ValueError, match="multiple of process_count"):
-        make_dataset(source="markov", seq_len=8, global_batch=3, process_count=2)
+        make_dataset(DataConfig(source="markov", seq_len=8), split="train", global_batch=3,
+                     process_count=2)
 
 
 def test_shuffle_and_repeat_stdlib():
-    kw = dict(source="stdlib", split="validation", seq_len=128, global_batch=8, max_bytes=40_000)
-    once = _all_batches(make_dataset(shuffle=False, repeat=False, **kw))
+    data = DataConfig(source="stdlib", seq_len=128, max_bytes=40_000)
+    kw = dict(split="validation", global_batch=8)
+    once = _all_batches(make_dataset(data, shuffle=False, repeat=False, **kw))
     n_rows = 40_000 // 128
     assert len(once) == n_rows // 8
-    shuffled = iter(make_dataset(seed=0, **kw))
+    shuffled = iter(make_dataset(dataclasses.replace(data, seed=0), **kw))
     epoch1 = np.concatenate([next(shuffled)["tokens"] for _ in range(len(once))])
     rows = np.concatenate([b["tokens"] for b in once])
     assert not np.array_equal(epoch1, rows)
@@ -403,12 +408,43 @@ def test_shuffle_and_repeat_stdlib():
     assert sorted(r.tobytes() for r in epoch1) == sorted(r.tobytes() for r in rows)
     epoch2 = np.concatenate([next(shuffled)["tokens"] for _ in range(len(once))])
     assert not np.array_equal(epoch2, epoch1)  # reshuffled every epoch
-    other_seed = next(iter(make_dataset(seed=1, **kw)))["tokens"]
+    other_seed = next(iter(make_dataset(dataclasses.replace(data, seed=1), **kw)))["tokens"]
     assert not np.array_equal(other_seed, epoch1[:8])
     assert pipeline.dataset_vocab_size("stdlib") == 258
     with pytest.raises(ValueError, match="fewer than one local batch"):
-        make_dataset(source="stdlib", split="validation", seq_len=128, global_batch=64,
-                     max_bytes=1000)
+        make_dataset(DataConfig(source="stdlib", seq_len=128, max_bytes=1000),
+                     split="validation", global_batch=64)
+
+
+def test_make_dataset_reads_data_config(tmp_path):
+    _write_text_files(str(tmp_path))
+    glob = str(tmp_path / "*.txt")
+    kw = dict(split="train", global_batch=2, shuffle=False, repeat=False)
+
+    def tokens(data):
+        return np.concatenate([b["tokens"] for b in _all_batches(make_dataset(data, **kw))])
+
+    base = DataConfig(source="text", seq_len=16, paths=(glob,), text_per_line=True)
+    want = tokens(base)
+    # a plain glob string works like a one-glob tuple; max_bytes=0 is no cap.
+    np.testing.assert_array_equal(tokens(dataclasses.replace(base, paths=glob)), want)
+    np.testing.assert_array_equal(tokens(dataclasses.replace(base, max_bytes=0)), want)
+    np.testing.assert_array_equal(tokens(dataclasses.replace(base, max_bytes=10**9)), want)
+    capped = tokens(dataclasses.replace(base, max_bytes=100))
+    assert 0 < len(capped) < len(want) and np.sum(capped != 257) <= 100
+    assert not np.any(tokens(dataclasses.replace(base, add_eos=False)) == 257)
+    with pytest.raises(ValueError, match="source must be one of"):
+        make_dataset(dataclasses.replace(base, source="web"), **kw)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_dataset(dataclasses.replace(base, mode="ragged"), **kw)
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        make_dataset(dataclasses.replace(base, seq_len=0), **kw)
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        make_dataset(dataclasses.replace(base, max_bytes=-1), **kw)
+    with pytest.raises(ValueError, match="needs data.paths"):
+        make_dataset(dataclasses.replace(base, paths=()), **kw)
+    with pytest.raises(ValueError, match="split must be one of"):
+        make_dataset(base, **{**kw, "split": "test"})
 
 
 def test_to_global():
@@ -416,8 +452,9 @@ def test_to_global():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    batch = next(iter(make_dataset(source="markov", seq_len=16, global_batch=8,
-                                   markov_num_tokens=16 * 32, mode="pack")))
+    batch = next(iter(make_dataset(DataConfig(source="markov", seq_len=16, mode="pack",
+                                              markov_num_tokens=16 * 32),
+                                   split="train", global_batch=8)))
     out = pipeline.to_global(batch, NamedSharding(mesh, P("data")))
     for k, v in batch.items():
         assert out[k].shape == v.shape and out[k].dtype == np.int32
@@ -463,13 +500,14 @@ def test_markov_entropy_rate_monte_carlo():
     seg_nll = -(np.log(first) + chain.log_prob(short).sum(1)).mean()
     assert seg_nll == pytest.approx(chain.sequence_entropy(6), rel=0.03)
     # the pipeline serves exactly these rows (train and validation differ).
-    ds = make_dataset(source="markov", split="train", seq_len=64, global_batch=4,
-                      markov_vocab=8, markov_order=2, markov_num_tokens=64 * 16, shuffle=False,
-                      repeat=False, tokenizer=tokenizers.ByteTokenizer())
+    ds = make_dataset(DataConfig(source="markov", seq_len=64, markov_vocab=8, markov_order=2,
+                                 markov_num_tokens=64 * 16),
+                      split="train", global_batch=4, shuffle=False, repeat=False,
+                      tokenizer=tokenizers.ByteTokenizer())
     rows = np.concatenate([b["tokens"] for b in _all_batches(ds)])
     assert rows.shape == (16, 64) and rows.max() < 8
-    val = next(iter(make_dataset(source="markov", split="validation", seq_len=64,
-                                 global_batch=4, markov_vocab=8, markov_num_tokens=64 * 16,
-                                 shuffle=False)))["tokens"]
+    val = next(iter(make_dataset(DataConfig(source="markov", seq_len=64, markov_vocab=8,
+                                            markov_num_tokens=64 * 16),
+                                 split="validation", global_batch=4, shuffle=False)))["tokens"]
     assert not np.array_equal(val, rows[:4])
     assert pipeline.dataset_vocab_size("markov", markov_vocab=8) == 8

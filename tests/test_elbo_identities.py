@@ -5,6 +5,7 @@ sequences. The forward process acts independently per token, so the exact margin
 p_t = p0 · expm(σ̄(t) G), where G is the Hamming-1 generator over the whole sequence space (sum
 over positions of the per-token Q, row convention) and expm(σ̄ G) = ⊗_i expm(σ̄ Q) (checked
 against scipy's expm below). From p_t every exact quantity follows:
+The exact kernels, marginals, scores and denoisers come from `dlm_jax.oracles`.
   * SEDD: exact scores s_{i,y}(x) = p_t(x with x_i ← y) / p_t(x); then per x0
         ∫_{t0}^1 E_{x_t|x0} Σ_i DSE_i dt + KL(q_1(·|x0) ‖ p_1) = KL(q_{t0}(·|x0) ‖ p_{t0}),
     which is −log p0(x0) when σ̄(t0) = 0 (log-linear, t0 = 0).
@@ -31,7 +32,6 @@ linear in log σ̄).
 from __future__ import annotations
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 from scipy.linalg import expm
 
+from dlm_jax import oracles
 from dlm_jax.objectives import masked_nelbo, score_entropy, subs_log_probs
 from dlm_jax.processes.schedules import Geometric, LogLinear
 from dlm_jax.processes.transitions import Absorbing, Uniform
@@ -54,27 +55,20 @@ def _x64():
 # Enumeration helpers (numpy float64).
 # ------------------------------------------------------------------------------------------------
 class Space:
-    """All S^L sequences, their indices and Hamming-1 neighbours."""
+    """All S^L sequences (`oracles.all_sequences`), their indices and Hamming-1 neighbours."""
 
     def __init__(self, num_states: int, length: int):
         self.S, self.L = num_states, length
-        self.seqs = np.array(list(itertools.product(range(num_states), repeat=length)), np.int64)
+        self.seqs = np.asarray(oracles.all_sequences(num_states, length), np.int64)
         self.n = len(self.seqs)
         self.place = num_states ** np.arange(length - 1, -1, -1)  # (L,)
         idx = self.seqs @ self.place
         assert (idx == np.arange(self.n)).all()
+        assert (np.asarray(oracles.sequence_index(self.seqs, num_states)) == idx).all()
         y = np.arange(num_states)
         # nb[x, i, y] = index of x with x_i ← y.
         self.nb = (idx[:, None, None]
                    + (y[None, None, :] - self.seqs[:, :, None]) * self.place[None, :, None])
-
-    def kron(self, per_token: np.ndarray) -> np.ndarray:
-        """(..., S, S) per-token matrices → (..., n, n) product over positions."""
-        out = 1.0
-        for i in range(self.L):
-            a = self.seqs[:, i]
-            out = out * per_token[..., a[:, None], a[None, :]]
-        return out
 
     def generator(self, q: np.ndarray) -> np.ndarray:
         """The Hamming-1 generator G (n, n) of independent per-token chains with rates q."""
@@ -111,20 +105,24 @@ def _gauss_legendre_t(num: int, square: bool):
 
 def _marginals(process, space: Space, p0: np.ndarray, sigma_bar: np.ndarray):
     """K[t, x0, xt] = q(xt | x0) and p_t = p0 K, for every node: (T, n, n), (T, n)."""
-    states = jnp.arange(space.S)
-    per_tok = np.asarray(process.transition(jnp.broadcast_to(states, (len(sigma_bar), space.S)),
-                                            jnp.asarray(sigma_bar)[:, None]))  # (T, S, S)
-    k = space.kron(per_tok)
+    seqs = jnp.asarray(space.seqs, jnp.int32)
+    k = np.asarray(jax.vmap(lambda sb: oracles.transition_table(process, seqs, sb))(
+        jnp.asarray(sigma_bar)))
     return k, np.einsum("x,txy->ty", p0, k)
 
 
-def _sedd_integrand(process, space, support, k, pt, sigma_bar, sigma, perturb: bool,
+def _joint(space: Space, p0: np.ndarray) -> jnp.ndarray:
+    """p0 (n,) as the joint table (S,)*L of `dlm_jax.oracles`."""
+    return jnp.asarray(p0.reshape((space.S,) * space.L))
+
+
+def _sedd_integrand(process, space, support, k, p0, sigma_bar, sigma, perturb: bool,
                     method: str = "auto"):
     """∫-integrand per node and x0: Σ_xt q(xt|x0) Σ_i DSE_i(xt), shape (T, n0)."""
     t_num = len(sigma_bar)
-    with np.errstate(divide="ignore"):
-        log_pt = np.log(pt)  # (T, n)
-    log_score = log_pt[:, space.nb] - log_pt[:, :, None, None]  # (T, n, L, S)
+    joint, seqs = _joint(space, p0), jnp.asarray(space.seqs, jnp.int32)
+    log_score = np.asarray(jax.vmap(lambda sb: oracles.exact_log_ratios(joint, process, seqs, sb))(
+        jnp.asarray(sigma_bar)))  # (T, n, L, S): exact log p_t(x with x_i ← y) / p_t(x)
     if perturb:
         phase = (np.arange(space.n)[:, None, None] * 1.7 + np.arange(space.L)[None, :, None] * 2.3
                  + np.arange(space.S)[None, None, :] * 0.9)
@@ -151,8 +149,8 @@ def _sedd_bound(process, schedule, space, support, p0, nodes, square, perturb=Fa
     t, w = _gauss_legendre_t(nodes, square)
     sigma_bar = np.asarray(schedule.sigma_bar(jnp.asarray(t)))
     sigma = np.asarray(schedule.sigma(jnp.asarray(t)))
-    k, pt = _marginals(process, space, p0, sigma_bar)
-    integrand = _sedd_integrand(process, space, support, k, pt, sigma_bar, sigma, perturb,
+    k, _ = _marginals(process, space, p0, sigma_bar)
+    integrand = _sedd_integrand(process, space, support, k, p0, sigma_bar, sigma, perturb,
                                 method)
     integral = (w[:, None] * integrand).sum(0)  # (n0,)
     k1, p1 = _marginals(process, space, p0, np.asarray(schedule.sigma_bar(jnp.asarray([1.0]))))
@@ -242,15 +240,12 @@ def test_sedd_generic_path_gives_the_same_identity():
 def _mdlm_bound(proc, sched, space, support, p0, nodes, perturb=False):
     t, w = _gauss_legendre_t(nodes, True)
     sigma_bar = np.asarray(sched.sigma_bar(jnp.asarray(t)))
-    k, pt = _marginals(proc, space, p0, sigma_bar)  # (T, n, n), (T, n)
+    k, _ = _marginals(proc, space, p0, sigma_bar)  # (T, n, n)
     m, s_num, l_num = proc.mask_id, space.S, space.L
-    # Exact posterior p(x0 | xt) ∝ p0(x0) q(xt | x0), then its per-position marginals.
-    joint = p0[None, :, None] * k  # (T, x0, xt)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        post = joint / joint.sum(1, keepdims=True)
-    post = np.nan_to_num(post)
-    onehot = np.eye(s_num)[space.seqs]  # (n, L, S)
-    denoiser = np.einsum("tax,ais->txis", post, onehot)  # (T, xt, L, S): p(x0_i = s | xt)
+    # Exact posterior marginals p(x0_i = s | xt) ∝ Σ p0(x0) q(xt | x0): (T, xt, L, S).
+    joint, seqs = _joint(space, p0), jnp.asarray(space.seqs, jnp.int32)
+    denoiser = np.asarray(jax.vmap(
+        lambda sb: oracles.exact_x0_posterior(joint, proc, seqs, sb))(jnp.asarray(sigma_bar)))
     with np.errstate(divide="ignore"):
         logits = np.log(denoiser)
     logits = np.maximum(logits, -1e3)  # finite stand-in for log 0 (SUBS handles the rest)

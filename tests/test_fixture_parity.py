@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from dlm_jax.masks import bd3lm_two_pass_mask, block_causal_mask
-from dlm_jax.models import DiT, sedd_log_score
+from dlm_jax.methods.sedd import sedd_log_score
+from dlm_jax.models import DiT
 from dlm_jax.models.convert import (dit_config_from_state_dict, dit_from_state_dict,
                                     load_dit_state_dict, state_dict_from_npz, strip_prefixes)
 

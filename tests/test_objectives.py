@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from scipy.linalg import expm
 
-from dlm_jax.objectives import (NEG_INF, ar_nll, bregman, expand_block_times, log_expm1,
-                                masked_nelbo, mdlm_loss, scale_by_sigma_offset, score_entropy,
-                                subs_log_probs, true_log_ratios)
+from dlm_jax.objectives import (NEG_INF, ar_nll, bregman, log_expm1, masked_nelbo, mdlm_loss,
+                                scale_by_sigma_offset, score_entropy, subs_log_probs,
+                                true_log_ratios)
+from dlm_jax.processes.corruption import block_times
 from dlm_jax.processes.schedules import Geometric, LogLinear
-from dlm_jax.processes.transitions import Absorbing, Dense, Uniform
+from dlm_jax.processes.transitions import Absorbing, MatrixProcess, Uniform
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE_DIRS = [REPO / "tests" / "fixtures", REPO.parent / "shared" / "fixtures"]
@@ -43,12 +44,12 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def _random_dense(num_states: int, seed: int) -> Dense:
+def _random_matrix_process(num_states: int, seed: int) -> MatrixProcess:
     rng = np.random.default_rng(seed)
     q = rng.uniform(0.1, 1.0, (num_states, num_states))
     np.fill_diagonal(q, 0.0)
     np.fill_diagonal(q, -q.sum(1))
-    return Dense(q)
+    return MatrixProcess(q)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def test_masked_nelbo_time_shapes_and_block_times(x64):
     chex.assert_trees_all_close(per_1d, per_2d)
     # BD3-LM: per-block times repeated over each block = the per-token formula.
     t_blocks = jnp.asarray(rng.uniform(0.1, 1.0, (b, k)))
-    t_tok = expand_block_times(t_blocks, lb)
+    t_tok = block_times(t_blocks, lb)
     chex.assert_shape(t_tok, (b, length))
     per_blk, _ = mdlm_loss(logits, x0, xt, t_tok, sched, m)
     lp = subs_log_probs(logits, xt, m)
@@ -235,7 +236,7 @@ def _inputs(proc, seed, b=4, l=5, sigma_bar=None):
     return x0, xt, log_score, sb, sigma
 
 
-PROCS = {"uniform": Uniform(5), "absorbing": Absorbing(4), "dense": _random_dense(4, 3)}
+PROCS = {"uniform": Uniform(5), "absorbing": Absorbing(4), "dense": _random_matrix_process(4, 3)}
 
 
 @pytest.mark.parametrize("name", list(PROCS))
@@ -279,8 +280,9 @@ def test_score_entropy_zero_with_zero_gradient_at_true_ratios(name, x64):
         assert (np.asarray(loss(log_r + 0.1))[active] > 0).all()
 
 
-def test_absorbing_closed_form_is_the_normalised_form_of_section_1_3(x64):
-    """σ·(1/E)[Σ_{y≠m} e^{ℓ̃_y} − 1 − ℓ̃_{x0}] with ℓ̃ = ℓ + log E, for arbitrary ℓ."""
+def test_absorbing_closed_form_is_the_normalised_form(x64):
+    """σ·(1/E)[Σ_{y≠m} e^{ℓ̃_y} − 1 − ℓ̃_{x0}] with ℓ̃ = ℓ + log E, for arbitrary ℓ (the absorbing
+    fast path of `dlm_jax.objectives.score_entropy`, the form the SEDD code evaluates)."""
     proc = Absorbing(6)
     x0, xt, ls, sb, sg = _inputs(proc, seed=7)
     per, _ = _se(proc, jnp.asarray(ls), jnp.asarray(xt), jnp.asarray(x0),
@@ -294,8 +296,9 @@ def test_absorbing_closed_form_is_the_normalised_form_of_section_1_3(x64):
     np.testing.assert_allclose(per, np.where(xt == proc.mask_id, form, 0.0), rtol=1e-10)
 
 
-def test_uniform_closed_form_matches_sedd_section_1_1(x64):
-    """SEDD's uniform expression pos − neg + const (§1.1) equals our per-token value / σ."""
+def test_uniform_closed_form_matches_sedd_pos_neg_const_form(x64):
+    """The uniform-graph score entropy written as SEDD's code writes it (Lou et al., 2024), a
+    positive term minus a negative term plus a constant, equals our per-token value / σ."""
     n = 6
     proc = Uniform(n)
     x0, xt, ls, sb, sg = _inputs(proc, seed=8, b=6, l=6)

@@ -1,6 +1,6 @@
 """Schedules and continuous-time processes against independent computations.
 
-Closed forms are checked against `scipy.linalg.expm` and against the generic `Dense` process (which
+Closed forms are checked against `scipy.linalg.expm` and against the generic `MatrixProcess` (which
 uses `jax.scipy.linalg.expm`), the Kolmogorov forward equation by finite differences, and sigma(t)
 against the derivative of sigma_bar(t).
 """
@@ -87,9 +87,9 @@ def test_closed_forms_equal_expm(process, sigma_bar):
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=repr)
-def test_dense_process_matches_closed_form(process):
+def test_matrix_process_matches_closed_form(process):
     with jax.enable_x64(True):
-        dense = transitions.Dense(process.rate_matrix(), limit=process.limit_probs())
+        dense = transitions.MatrixProcess(process.rate_matrix(), limit=process.limit_probs())
         x = jnp.asarray([[0, 1], [process.num_states - 1, 0]])
         sigma_bar = jnp.asarray([[0.2], [1.7]])
         chex.assert_trees_all_close(dense.transition(x, sigma_bar),
@@ -104,17 +104,17 @@ def test_dense_process_matches_closed_form(process):
                                     atol=1e-12)
 
 
-def test_dense_default_limit_and_validation():
+def test_matrix_process_default_limit_and_validation():
     q = np.array([[-1.0, 1.0, 0.0], [0.5, -1.0, 0.5], [0.0, 2.0, -2.0]])
-    dense = transitions.Dense(q)
+    dense = transitions.MatrixProcess(q)
     with jax.enable_x64(True):
         limit = np.asarray(dense.limit_probs())
     np.testing.assert_allclose(limit @ q, 0.0, atol=1e-8)  # stationary
     np.testing.assert_allclose(limit.sum(), 1.0, atol=1e-8)
     with pytest.raises(ValueError, match="rows summing to 0"):
-        transitions.Dense(np.ones((3, 3)))
+        transitions.MatrixProcess(np.ones((3, 3)))
     with pytest.raises(ValueError, match="square"):
-        transitions.Dense(np.ones((3, 2)))
+        transitions.MatrixProcess(np.ones((3, 2)))
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=repr)

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dlm_jax.config import ConfigError, validate
 from dlm_jax.data.pipeline import markov_chain
@@ -39,7 +38,8 @@ def _fixed_batch(cfg, seed=0):
 
 FAMILIES = ["ar", "mdlm", "bd3lm,block=8", "sedd", "sedd,process=uniform", "d3pm",
             # a combination no paper ran: block diffusion with score entropy over a uniform process
-            "sedd,process=uniform,block=8"]
+            "sedd,process=uniform,block=8",
+            "ctmc", "ctmc,process=uniform", "csm"]
 
 
 @pytest.mark.parametrize("arg", FAMILIES)
@@ -51,9 +51,9 @@ def test_family_learns_a_fixed_batch(arg, tmp_path):
     batch = _fixed_batch(cfg)
 
     def fixed_loss(params):  # same times and noise every call: a deterministic comparison
-        with jax.set_mesh(trainer.mesh):
-            batch_global = {k: jax.device_put(v, trainer.batch_sh) for k, v in batch.items()}
-            return float(trainer._eval_step(params, batch_global, 0)["loss"])
+        with jax.set_mesh(trainer.exp.mesh):
+            batch_global = {k: jax.device_put(v, trainer.exp.batch_sharding) for k, v in batch.items()}
+            return float(trainer.program.eval_step(params, batch_global, 0)["loss"])
 
     before = fixed_loss(state.params)
     losses = []
@@ -68,11 +68,12 @@ def test_family_learns_a_fixed_batch(arg, tmp_path):
 
 def _loss_and_grads(trainer, state, batch):
     def f(params):
-        model = nnx.merge(trainer.graphdef, params)
-        return trainer.loss_fn(model, batch, jax.random.key(7), train=True)[0]
+        model = trainer.exp.model(params)
+        return trainer.exp.method.loss(model, batch, jax.random.key(7), train=True,
+                                       clip=state.clip)[0]
 
-    with jax.set_mesh(trainer.mesh):
-        batch = {k: jax.device_put(v, trainer.batch_sh) for k, v in batch.items()}
+    with jax.set_mesh(trainer.exp.mesh):
+        batch = {k: jax.device_put(v, trainer.exp.batch_sharding) for k, v in batch.items()}
         return jax.jit(jax.value_and_grad(f))(state.params)
 
 
@@ -180,7 +181,7 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("diffusion.block_size", 5, "diffusion.block_size=5: must divide data.seq_len=32"),
-    ("diffusion.family", "gpt", "diffusion.family='gpt' is not allowed"),
+    ("diffusion.objective", "gpt", "diffusion.objective='gpt' is not allowed"),
     ("optim.lr", -1.0, "optim.lr=-1.0: must be > 0"),
     ("data.tokenizer", "gpt2", "data.tokenizer_path=''"),
     ("diffusion.clip", (0.8, 0.2), "diffusion.clip"),
@@ -191,8 +192,6 @@ def test_bad_config_raises_one_clear_error(field, value, match):
     cfg = _cfg("mdlm")
     section, key = field.split(".")
     setattr(getattr(cfg, section), key, value)
-    if field == "diffusion.family":
-        pass
     with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")):
         validate(cfg)
 
@@ -276,3 +275,74 @@ def test_bfloat16_compute_trains(tmp_path):
         assert math.isfinite(float(metrics["loss"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     trainer.close()
+
+
+def test_searched_clip_interval_survives_a_restart(tmp_path):
+    """BD3-LM with the clip search: the interval chosen at step 4 is train state, so a run that
+    stops right after the search (checkpoint at 4) and resumes trains steps 5..8 with it, exactly
+    like the uninterrupted run; `evaluate` reports it."""
+    kw = dict(steps=8, log_every=4, eval_every=4, ckpt_every=4, eval_batches=1)
+
+    def cfg(**over):
+        c = _cfg("bd3lm,block=8", **{**kw, **over})
+        c.diffusion.var_min, c.diffusion.resample = True, True
+        c.diffusion.clip_search_batches = 1
+        return c
+
+    full = Trainer(cfg(), str(tmp_path / "full"), measure_mfu=False)
+    full_summary = full.run()
+    first = Trainer(cfg(steps=4), str(tmp_path / "resumed"), measure_mfu=False)
+    first_summary = first.run()
+    first.close()
+    searched = (first_summary["clip/beta_l"], first_summary["clip/beta_u"])
+    assert searched != tuple(cfg().diffusion.clip), "the search kept the default interval"
+    np.testing.assert_allclose(np.asarray(first.state.clip), searched, rtol=1e-6)
+
+    second = Trainer(cfg(), str(tmp_path / "resumed"), measure_mfu=False)
+    restored = second.restore_or_init(second.train_iterator())
+    np.testing.assert_allclose(np.asarray(restored.clip), searched, rtol=1e-6)
+    summary = second.run()
+    assert summary["start_step"] == 4
+    chex.assert_trees_all_equal(jax.device_get(full.state.params),
+                                jax.device_get(second.state.params))
+    assert summary["clip/beta_l"] == full_summary["clip/beta_l"]
+    reported = evaluate_run(str(tmp_path / "resumed"))
+    assert (reported["clip/beta_l"], reported["clip/beta_u"]) == pytest.approx(
+        (full_summary["clip/beta_l"], full_summary["clip/beta_u"]))
+    full.close()
+    second.close()
+
+
+def test_clip_interval_is_traced_state_of_one_compiled_step(tmp_path):
+    """A new interval changes the training times (and so the loss) without a recompile."""
+    cfg = _cfg("bd3lm,block=8")
+    trainer = Trainer(cfg, str(tmp_path), measure_mfu=False)
+    batch = _fixed_batch(cfg)
+    state = trainer.init_state()
+    narrow = state.replace(clip=jax.device_put(jnp.asarray([0.9, 1.0], jnp.float32),
+                                               trainer.program.state_shardings.clip))
+    _, wide_metrics = trainer.train_step(jax.tree.map(jnp.copy, state), batch)
+    _, narrow_metrics = trainer.train_step(narrow, batch)
+    assert trainer.program.step._cache_size() == 1
+    assert float(wide_metrics["loss"]) != float(narrow_metrics["loss"])
+    trainer.close()
+
+
+@pytest.mark.parametrize("arg,keys,absent", [
+    ("ctmc", ("val/loss", "val/ppl"), ()),
+    ("csm", ("val/loss", "val/pseudo_nll"), ("val/ppl",)),
+])
+def test_new_objectives_train_and_validate_from_a_config(arg, keys, absent, tmp_path):
+    """CTMC reports its bound in nats/token (with perplexity); CSM its objective J and the
+    pseudo-likelihood, and no perplexity (J is not a likelihood)."""
+    cfg = _cfg(arg, steps=4, log_every=4, eval_every=4, ckpt_every=4, eval_batches=1)
+    trainer = Trainer(cfg, str(tmp_path), measure_mfu=False)
+    summary = trainer.run()
+    trainer.close()
+    for k in keys:
+        assert math.isfinite(summary[k]), (k, summary)
+    for k in absent:
+        assert k not in summary
+    if arg == "ctmc":  # a bound on the NLL per token can't beat the source's entropy
+        chain = markov_chain(cfg.data.markov_vocab, cfg.data.markov_order, cfg.data.markov_seed)
+        assert summary["val/loss"] >= chain.sequence_entropy(cfg.data.seq_len) / cfg.data.seq_len

@@ -2,10 +2,11 @@
 
 Quick use::
 
+    from dlm_jax.config import DataConfig
     from dlm_jax.data import make_dataset, make_tokenizer
     tok = make_tokenizer("byte")
-    ds = make_dataset(source="stdlib", split="train", seq_len=256, global_batch=32,
-                      tokenizer=tok, max_bytes=2_000_000)
+    data = DataConfig(source="stdlib", seq_len=256, max_bytes=2_000_000)
+    ds = make_dataset(data, split="train", global_batch=32, tokenizer=tok)
     it = iter(ds); batch = next(it)          # {"tokens": int32 (32, 256)}
     state = it.get_state()                   # checkpointable (grain)
 

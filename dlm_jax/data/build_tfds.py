@@ -5,9 +5,9 @@
 
 writes ``/data/tfds/<name>/1.0.0/`` with ``train`` and ``validation`` splits, readable with
 ``tfds.data_source(name, data_dir=/data/tfds)`` or ``tfds.builder_from_directory(...)`` and with
-``make_dataset(source="tfds", tfds_name=name, tfds_data_dir=/data/tfds)``. The split is the one
-of :func:`dlm_jax.data.sources.text_documents` (stable hash of the file path, or ``path:line``
-with ``--per_line``), so it is deterministic. ``--input`` may be repeated.
+``make_dataset(DataConfig(source="tfds", tfds_name=name, tfds_data_dir="/data/tfds"), ...)``.
+The split is the one of :func:`dlm_jax.data.sources.text_documents` (stable hash of the file
+path, or ``path:line`` with ``--per_line``), so it is deterministic. ``--input`` may be repeated.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Either way the result is a ``grain.IterDataset``; ``iter(ds)`` is a checkpointab
 ``DatasetIterator`` (``get_state()``/``set_state()``, or orbax
 ``grain.checkpoint.CheckpointSave``/``CheckpointRestore``) that resumes at the exact next batch.
 
+All settings come from the data config section (:class:`dlm_jax.config.DataConfig`):
+``make_dataset(cfg.data, split=..., global_batch=..., tokenizer=...)``.
+
 Multi-host: every host calls :func:`make_dataset` with its ``process_index``/``process_count``
 and gets ``global_batch // process_count`` rows per batch from its own disjoint share of the
 documents (records for TFDS, whole sequences for Markov). :func:`to_global` assembles the global
@@ -40,6 +43,7 @@ import numpy as np
 
 import grain
 
+from dlm_jax.config import DataConfig
 from dlm_jax.data import sources as sources_lib
 from dlm_jax.data.tokenizers import ByteTokenizer, Tokenizer, encode_documents
 
@@ -256,7 +260,7 @@ def _local_documents(source: str, split: str, *, paths, max_bytes, text_per_line
                                             validation_fraction=validation_fraction)
     else:
         if not paths:
-            raise ValueError("source='text' needs paths (a glob, a list of globs, or "
+            raise ValueError("source='text' needs data.paths (a glob, a tuple of globs, or "
                              "{'train': ..., 'validation': ...})")
         docs = sources_lib.text_documents(paths, split, per_line=text_per_line,
                                           validation_fraction=validation_fraction,
@@ -274,60 +278,71 @@ def _tokenize_all(tokenizer: Tokenizer, docs: list[bytes]) -> list[np.ndarray]:
     return encode_documents(tokenizer, docs)
 
 
-def make_dataset(*, source: str = "stdlib", split: str = "train", seq_len: int,
-                 global_batch: int, tokenizer: Tokenizer | None = None, mode: str = "wrap",
-                 seed: int = 0, shuffle: bool = True, repeat: bool = True,
-                 process_index: int = 0, process_count: int = 1,
-                 paths: str | Sequence[str] | Mapping[str, Any] = (), tfds_name: str = "",
-                 tfds_data_dir: str = "", text_key: str = "text", max_bytes: int | None = None,
-                 text_per_line: bool = False, validation_fraction: float = 0.02,
-                 add_bos: bool = False, add_eos: bool = True,
-                 markov_order: int = 2, markov_vocab: int = 16, markov_seed: int = 0,
-                 markov_num_tokens: int = 1 << 20, markov_concentration: float = 0.1,
-                 pack_bins: int = 16, num_threads: int = 2, prefetch: int = 2
-                 ) -> grain.IterDataset:
-    """Build the host-local input pipeline.
+def make_dataset(data: DataConfig, *, split: str, global_batch: int,
+                 tokenizer: Tokenizer | None = None, shuffle: bool = True, repeat: bool = True,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Build the host-local input pipeline for one split of the data config section.
+
+    What is read and how it is laid out comes from the fields of ``data`` (a
+    :class:`dlm_jax.config.DataConfig`):
+
+    * ``source``: "stdlib" (CPython's standard library, no download), "text" (local files,
+      ``paths``), "tfds" (prepared array_record dataset ``tfds_name`` under ``tfds_data_dir``,
+      text feature ``text_key``; preset "lm1b" maps validation → test), or "markov" (synthetic
+      chain, no tokenizer).
+    * ``seq_len`` (L, tokens per row), ``mode`` ("wrap": concatenate and chunk; "pack":
+      first-fit packing with segment ids), ``seed`` (shuffle seed; per-epoch reshuffling is
+      derived from it), ``pack_bins`` (packing bins for streaming "pack" mode).
+    * "text": ``paths`` (a glob, a tuple/list of globs or ``{"train": ..., "validation": ...}``,
+      see :func:`sources.text_documents`) and ``text_per_line`` (one document per line instead
+      of per file); "stdlib"/"text": ``max_bytes`` (cap on the bytes read before host sharding;
+      0 = no cap) and ``validation_fraction`` (share of documents in validation).
+    * ``add_bos`` / ``add_eos``: put ``tokenizer.bos_id`` before / ``eos_id`` after every
+      document.
+    * "markov": ``markov_order`` / ``markov_vocab`` / ``markov_seed`` /
+      ``markov_concentration`` (the chain, see :func:`markov_chain`) and ``markov_num_tokens``
+      (tokens generated for this split, over all hosts).
+    * ``num_threads`` / ``prefetch``: reader threads and prefetch buffer (``grain.ReadOptions``);
+      threads, not processes, as grain worker processes are slower on small CPUs.
+
+    The ``tokenizer`` / ``tokenizer_path`` fields are not read here: build the tokenizer with
+    :func:`~dlm_jax.data.tokenizers.make_tokenizer` and pass it in.
 
     Args:
-      source: "stdlib" (CPython's standard library, no download), "text" (local files,
-        ``paths``), "tfds" (prepared array_record dataset ``tfds_name`` under ``tfds_data_dir``;
-        preset "lm1b" maps validation → test), or "markov" (synthetic chain, no tokenizer).
+      data: the data config section.
       split: "train" or "validation" (any TFDS split string for "tfds").
-      seq_len: L, tokens per row.
       global_batch: rows per step over all hosts; each host yields ``global_batch //
         process_count`` (must divide).
       tokenizer: a :class:`~dlm_jax.data.tokenizers.Tokenizer`; None = byte tokenizer. Ignored
         by "markov".
-      mode: "wrap" (concatenate and chunk) or "pack" (first-fit packing with segment ids).
-      seed: shuffle seed (per-epoch reshuffling is derived from it).
       shuffle / repeat: shuffle rows (records for TFDS); repeat forever (False = one pass).
       process_index / process_count: this host and the number of hosts; hosts read disjoint
         shares (documents ``i::n``; TFDS records ``i::n``; Markov rows ``i::n``).
-      paths: globs for "text" (see :func:`sources.text_documents`).
-      tfds_name / tfds_data_dir / text_key: the TFDS dataset, its directory and text feature.
-      max_bytes: cap on the bytes read for "stdlib"/"text" (before host sharding).
-      text_per_line: "text" source: one document per line instead of per file.
-      validation_fraction: share of "stdlib"/"text" documents in validation.
-      add_bos / add_eos: put ``tokenizer.bos_id`` before / ``eos_id`` after every document.
-      markov_order / markov_vocab / markov_seed / markov_concentration: the chain (see
-        :func:`markov_chain`); markov_num_tokens: tokens generated for this split (all hosts).
-      pack_bins: packing bins for streaming "pack" mode.
-      num_threads / prefetch: reader threads and prefetch buffer (``grain.ReadOptions``); threads,
-        not processes, as grain worker processes are slower on small CPUs.
     Returns:
       a ``grain.IterDataset``; iterating gives dicts of int32 numpy arrays of shape
-      (global_batch // process_count, seq_len): ``{"tokens"}`` for wrap, ``{"tokens",
-      "segment_ids", "positions"}`` for pack. ``iter(ds)`` supports ``get_state``/``set_state``.
+      (global_batch // process_count, data.seq_len): ``{"tokens"}`` for wrap, ``{"tokens",
+      "segment_ids", "positions"}`` for pack (segment ids 1.. per piece and 0 on padding,
+      positions restarting at 0 for every piece). ``iter(ds)`` supports
+      ``get_state``/``set_state``.
+    Raises:
+      ValueError: an unknown source / mode / split, ``seq_len < 1``, a negative ``max_bytes``,
+        a bad ``process_index``/``process_count``, a ``global_batch`` that is not a positive
+        multiple of ``process_count``, ``source="text"`` without ``paths``, or too little data
+        for one local batch.
     """
+    source, mode, seq_len = data.source, data.mode, data.seq_len
     if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
     if source != "tfds" and split not in sources_lib.SPLITS:
         raise ValueError(f"split must be one of {sources_lib.SPLITS} for source={source!r}, "
                          f"got {split!r}")
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    max_bytes = data.max_bytes or None  # 0 (or None) in the config: no cap
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"data.max_bytes must be >= 0 (0: no cap), got {data.max_bytes}")
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got process_index="
                          f"{process_index}, process_count={process_count}")
@@ -335,29 +350,31 @@ def make_dataset(*, source: str = "stdlib", split: str = "train", seq_len: int,
         raise ValueError(f"global_batch={global_batch} must be a positive multiple of "
                          f"process_count={process_count}")
     local_batch = global_batch // process_count
-    seed = int(seed) % 2**32
+    seed = int(data.seed) % 2**32
     if tokenizer is None:
         tokenizer = ByteTokenizer()
-    bos_id = tokenizer.bos_id if add_bos else None
-    eos_id = tokenizer.eos_id if add_eos else None
+    bos_id = tokenizer.bos_id if data.add_bos else None
+    eos_id = tokenizer.eos_id if data.add_eos else None
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    read_options = grain.ReadOptions(num_threads=data.num_threads,
+                                     prefetch_buffer_size=data.prefetch)
 
     if source == "tfds":
         return _streaming_dataset(
-            tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, split=split, text_key=text_key,
-            tokenizer=tokenizer, mode=mode, seq_len=seq_len, local_batch=local_batch,
-            seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
-            process_count=process_count, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-            pack_bins=pack_bins, read_options=read_options)
+            tfds_name=data.tfds_name, tfds_data_dir=data.tfds_data_dir, split=split,
+            text_key=data.text_key, tokenizer=tokenizer, mode=mode, seq_len=seq_len,
+            local_batch=local_batch, seed=seed, shuffle=shuffle, repeat=repeat,
+            process_index=process_index, process_count=process_count, bos_id=bos_id,
+            eos_id=eos_id, pad_id=pad_id, pack_bins=data.pack_bins, read_options=read_options)
 
     if source == "markov":
-        chain = markov_chain(markov_vocab, markov_order, markov_seed, markov_concentration)
-        num_rows = markov_num_tokens // seq_len
+        chain = markov_chain(data.markov_vocab, data.markov_order, data.markov_seed,
+                             data.markov_concentration)
+        num_rows = data.markov_num_tokens // seq_len
         if num_rows < process_count:
-            raise ValueError(f"markov_num_tokens={markov_num_tokens} gives {num_rows} rows of "
-                             f"seq_len={seq_len}, fewer than process_count={process_count}")
-        rows = chain.sample(num_rows, seq_len, _derive_seed("markov", markov_seed, split))
+            raise ValueError(f"markov_num_tokens={data.markov_num_tokens} gives {num_rows} rows "
+                             f"of seq_len={seq_len}, fewer than process_count={process_count}")
+        rows = chain.sample(num_rows, seq_len, _derive_seed("markov", data.markov_seed, split))
         rows = rows[process_index::process_count]
         arrays = {"tokens": rows}
         if mode == "pack":
@@ -365,9 +382,9 @@ def make_dataset(*, source: str = "stdlib", split: str = "train", seq_len: int,
             arrays["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
                                                   rows.shape).copy()
     else:
-        docs = _local_documents(source, split, paths=paths, max_bytes=max_bytes,
-                                text_per_line=text_per_line,
-                                validation_fraction=validation_fraction,
+        docs = _local_documents(source, split, paths=data.paths, max_bytes=max_bytes,
+                                text_per_line=data.text_per_line,
+                                validation_fraction=data.validation_fraction,
                                 process_index=process_index, process_count=process_count)
         token_docs = _tokenize_all(tokenizer, docs)
         if mode == "wrap":

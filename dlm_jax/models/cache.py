@@ -38,10 +38,6 @@ class KVCache:
         """Lmax, the static buffer length."""
         return self.k.shape[2]
 
-    def reset(self) -> "KVCache":
-        """The same buffers with length 0 (contents are ignored once length is 0)."""
-        return self.replace(length=jnp.zeros((), jnp.int32))
-
     def append(self, k_new: Array, v_new: Array) -> "KVCache":
         """Writes k_new/v_new (N, B, Lb, H, Dh) at slot `length` and advances length by Lb."""
         start = (0, 0, self.length, 0, 0)

@@ -1,6 +1,7 @@
 """Import PyTorch state dicts of the reference DiTs (bd3lms DIT, SEDD DDiT) into `DiT`.
 
-Input: a mapping from the exact PyTorch keys (architectures.md §1.10, §2) to numpy arrays, e.g.
+Input: a mapping from the exact PyTorch parameter names of the reference implementations (the keys
+in the left column of the table below) to numpy arrays, e.g.
 `torch.load(...)["state_dict"]` converted with `.numpy()`, or a fixture npz's `param/<key>` entries.
 Prefixes `backbone.` and `_orig_mod.` are stripped. Every key must be accounted for: mapped onto a
 parameter, checked (`rotary_emb.inv_freq` must equal our recomputed table), or listed in `ignore`
@@ -177,9 +178,11 @@ def dit_from_state_dict(state_dict: Mapping[str, Any], *, heads: int | None = No
     """Builds a DiT whose sizes are inferred from `state_dict` and loads it.
 
     kwargs go to `DiT` (e.g. time_conditioning=True for SEDD, dropout, dtype, param_dtype); they
-    override the inferred values. Every parameter comes from the state dict.
+    override the inferred values. Every parameter comes from the state dict. The reference code
+    averages a per-token σ over the sequence, so `token_conditioning` defaults to False here.
     """
     cfg = dit_config_from_state_dict(state_dict, heads=heads)
+    cfg.setdefault("token_conditioning", False)
     cfg.update(kwargs)
     vocab, width, depth, n_heads = (cfg.pop(k) for k in ("vocab_size", "width", "depth", "heads"))
     # Built abstractly (no random init, no memory): every parameter is overwritten below.

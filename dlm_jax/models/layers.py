@@ -1,9 +1,12 @@
 """Transformer building blocks for the DiT-style backbone (Flax NNX, used functionally).
 
-Equations follow `shared/research/architectures.md` §1 (bd3lms DiT / SEDD DDiT): weight-only
-LayerNorm in float32 (eps 1e-5), adaLN modulation `LN(x)·(1 + scale) + shift`, half-split
-(GPT-NeoX) rotary embeddings on q and k only, tanh-GELU MLP ×4 with biases, and the 256-feature
-σ embedder (cos first) followed by Linear → SiLU → Linear (the model applies one more SiLU).
+The backbone is the diffusion transformer (DiT) of Peebles & Xie (2023), "Scalable Diffusion
+Models with Transformers", in the form used for text by SEDD's DDiT (Lou et al., 2024) and by
+BD3-LM's DiT (Arriola et al., 2025, "Block Diffusion: Interpolating Between Autoregressive and
+Diffusion Language Models"): weight-only LayerNorm in float32 (eps 1e-5), adaLN modulation
+`LN(x)·(1 + scale) + shift`, half-split (GPT-NeoX) rotary embeddings (Su et al., 2021, RoFormer)
+on q and k only, tanh-GELU MLP ×4 with biases, and the 256-feature σ embedder (cos first)
+followed by Linear → SiLU → Linear (the model applies one more SiLU).
 
 Shapes: B batch, L length (Lq queries, Lk keys), D width, H heads, Dh = D / H head width,
 C cond_dim, F σ-feature count (256), V vocabulary.

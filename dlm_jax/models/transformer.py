@@ -1,7 +1,7 @@
 """The DiT-style transformer shared by SEDD, MDLM and BD3-LM, and its causal (AR) variant.
 
-Architecture (shared/research/architectures.md §1, §2): token embedding (untied) → N pre-norm
-blocks with adaLN(-zero) modulation from c = SiLU(MLP(φ(σ))) and rotary positions → final layer
+Architecture (the DiT of Peebles & Xie, 2023, as used for text by SEDD, MDLM and BD3-LM): token
+embedding (untied) → N pre-norm blocks with adaLN(-zero) modulation from c = SiLU(MLP(φ(σ))) and rotary positions → final layer
 (weight-only LN, adaLN shift/scale, Linear with bias). Modulation and output layers start at zero,
 so a fresh model outputs exactly 0.
 
@@ -16,7 +16,7 @@ Modes:
     both halves; only the x_t half reaches the output layer.
   * ``init_cache`` / ``decode_block``: block-by-block decoding with an explicit KV-cache pytree.
 
-Causal (AR) variant, ``causal=True``: exactly bd3lms' ``DDiTBlockCausal`` (§1.9): no σ embedder,
+Causal (AR) variant, ``causal=True``: the BD3-LM code's causal DDiT block: no σ embedder,
 no adaLN modulation layers anywhere (they do not exist as parameters); blocks compute
 ``h += attn_out(attn(LN₁ h))`` and ``h += mlp(LN₂ h)`` (gates 1, weight-only LN, rotary, causal
 mask), and the head is ``linear(LN_f h)``. σ is accepted and ignored; ``time_conditioning`` is
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm_jax.config import REMAT_POLICIES as REMAT_NAMES, ConfigError, ModelConfig
 from dlm_jax.masks import causal_mask
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
@@ -66,6 +67,7 @@ REMAT_POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+assert tuple(REMAT_POLICIES) == REMAT_NAMES, "config.REMAT_POLICIES and the policies disagree"
 
 MODEL_SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(width=64, depth=2, heads=4, cond_dim=32),      # tests
@@ -200,8 +202,8 @@ class DiT(nnx.Module):
       dropout: residual-branch dropout rate (active only with deterministic=False).
       causal: AR variant (causal attention, no adaLN/σ embedder; see the module docstring).
       time_conditioning: False replaces σ by 0 (adaLN stays active), as released MDLM/BD3-LM.
-      token_conditioning: a σ given per token (B, L) modulates each token by its own σ instead of
-        the reference's average over L (block-wise noise levels, e.g. block SEDD). With a KV
+      token_conditioning: a σ given per token (B, L) modulates each token by its own σ (block-wise
+        noise levels, e.g. block SEDD); False averages it over L, as the reference code does. With a KV
         cache, commit clean blocks with σ = 0, as the clean half of the two-pass training input.
       remat: activation rematerialisation per block, trading compute for memory: "none",
         "block" (keep only each block's input; recompute the block in the backward pass) or
@@ -213,7 +215,7 @@ class DiT(nnx.Module):
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
                  cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                  causal: bool = False, time_conditioning: bool = False,
-                 token_conditioning: bool = False, remat: str = "none", dtype=jnp.float32,
+                 token_conditioning: bool = True, remat: str = "none", dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
@@ -414,3 +416,31 @@ class DiT(nnx.Module):
             return logits, committed
         commit = jnp.asarray(commit, bool)
         return logits, jax.tree.map(lambda a, b: jnp.where(commit, a, b), committed, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# From the config
+# ---------------------------------------------------------------------------------------------
+
+def model_dims(cfg: ModelConfig) -> dict[str, int]:
+    """Width/depth/heads/cond_dim: the size preset, overridden by any non-zero explicit field."""
+    if cfg.size not in MODEL_SIZES:
+        raise ConfigError(f"config.model.size={cfg.size!r} is not allowed; choose one of "
+                          f"{sorted(MODEL_SIZES)}")
+    preset = dataclasses.asdict(MODEL_SIZES[cfg.size])
+    dims = {k: (getattr(cfg, k) or preset[k]) for k in ("width", "depth", "heads", "cond_dim")}
+    if dims["width"] % dims["heads"] or (dims["width"] // dims["heads"]) % 2:
+        raise ConfigError(f"config.model.width={dims['width']} must split into "
+                          f"config.model.heads={dims['heads']} heads of even width")
+    return dims
+
+
+def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool, rngs: nnx.Rngs) -> DiT:
+    """The DiT (causal: the AR variant) described by the model section of a config."""
+    dims = model_dims(cfg)
+    dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+    return DiT(vocab_size, dims["width"], dims["depth"], dims["heads"], cond_dim=dims["cond_dim"],
+               mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=causal,
+               time_conditioning=cfg.time_conditioning,
+               token_conditioning=cfg.token_conditioning, remat=cfg.remat, dtype=dtype,
+               rngs=rngs)

@@ -1,9 +1,13 @@
-"""Concrete score matching (CSM; Meng et al., NeurIPS 2022), for small vocabularies.
+"""Concrete score matching (CSM; Meng et al., 2022), for small vocabularies.
 
-Notation follows seed 002 §"Concrete Score Matching". For a data distribution p over sequences
-x ∈ {0..S-1}^L and a neighbourhood map N(x) = {x_{n_1}, ..., x_{n_K}}, the concrete score is
+Reference: Meng, Choi, Song and Ermon (2022), "Concrete Score Matching: Generalized Score Matching
+for Discrete Data" (NeurIPS 2022). The formulas are written out below and numbered (1)-(4)
+locally; function docstrings refer to these numbers.
 
-    c_p(x; N)_i = (p(x_{n_i}) - p(x)) / p(x) = p(x_{n_i}) / p(x) - 1               (eq. 2.1, 2.2)
+For a data distribution p over sequences x ∈ {0..S-1}^L and a neighbourhood map
+N(x) = {x_{n_1}, ..., x_{n_K}}, the concrete score is the vector
+
+    (1)  c_p(x; N)_i = (p(x_{n_i}) - p(x)) / p(x) = p(x_{n_i}) / p(x) - 1,    i = 1 … K.
 
 Neighbourhood used here: **Hamming distance 1**, i.e. every single-position replacement
 x^{i←y} (position i, new value y ≠ x^i). Then |N(x)| = L(S-1), the graph is symmetric
@@ -16,22 +20,24 @@ here ignores them (the true value there is 0, the ratio p(x)/p(x) - 1).
 Objectives (both are expectations over x ~ p_data; they return per-sequence values and the
 caller takes the mean over a data batch, which is an unbiased estimate of the sum over x):
 
-  * `csm_explicit` — eq. (2.3), the intractable-in-general form that needs the true score:
-        L(θ) = Σ_x p(x) ‖c_θ(x) - c_p(x)‖²
-  * `csm_implicit` / `csm_loss` — eq. (2.4), the trainable form J_CSM with no c_p:
-        J(θ) = Σ_x p(x) Σ_i (c_θ(x)_i² + 2 c_θ(x)_i)  -  2 Σ_x Σ_i p(x_{n_i}) c_θ(x)_i
-    The second sum is re-indexed by the neighbour x' = x_{n_i} ~ p_data: it becomes
-    E_{x'~p}[Σ_{(x, i): N(x)_i = x'} c_θ(x)_i], the sum over N^{-1}(x') (= N(x') for Hamming-1),
-    so it needs the model at the neighbours of each data point.
-    L(θ) = J(θ) + C with C = Σ_x p(x) ‖c_p(x)‖², independent of θ: both are minimised by
-    c_θ = c_p, where L = 0 and the gradient of J vanishes.
-  * `csm_loss_sampled` — the seed's one-neighbour unbiased estimator of eq. (2.4): draw one
-    neighbour uniformly for the first term (scaled by |N(x)|) and one element of N^{-1}(x)
-    uniformly for the second (scaled by |N^{-1}(x)|): two model calls per sequence instead of
-    1 + L(S-1).
+  * `csm_explicit` — the explicit objective, which needs the true score (intractable in general):
+        (2)  L(θ) = Σ_x p(x) ‖c_θ(x) - c_p(x)‖²
+  * `csm_implicit` / `csm_loss` — the trainable form, with no c_p:
+        (3)  J(θ) = Σ_x p(x) Σ_i (c_θ(x)_i² + 2 c_θ(x)_i)  -  2 Σ_x Σ_i p(x_{n_i}) c_θ(x)_i
+    Expanding the square in (2) gives (3) plus C = Σ_x p(x) ‖c_p(x)‖², independent of θ, because
+    Σ_x p(x) c_p(x)_i c_θ(x)_i = Σ_x (p(x_{n_i}) - p(x)) c_θ(x)_i. The second sum of (3) is
+    re-indexed by the neighbour x' = x_{n_i} ~ p_data:
+        (4)  Σ_x Σ_i p(x_{n_i}) c_θ(x)_i = E_{x'~p}[ Σ_{(x, i): N(x)_i = x'} c_θ(x)_i ],
+    the sum over N^{-1}(x') (= N(x') for Hamming-1), so it needs the model at the neighbours of
+    each data point. L(θ) = J(θ) + C: both are minimised by c_θ = c_p, where L = 0 and the
+    gradient of J vanishes.
+  * `csm_loss_sampled` — a one-neighbour unbiased estimator of (3): draw one neighbour uniformly
+    for the first term (scaled by |N(x)|) and one element of N^{-1}(x) uniformly for the second
+    (scaled by |N^{-1}(x)|): two model calls per sequence instead of 1 + L(S-1).
 
 `concrete_score_table` computes the true c_p from an enumerated joint table p (tests, tiny
-problems). Everything is a pure function of arrays and works under jit/grad/vmap.
+problems). `hamming_neighbors` lives in `dlm_jax.oracles` and is importable from here too.
+Everything is a pure function of arrays and works under jit/grad/vmap.
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax import Array
+
+from dlm_jax.oracles import hamming_neighbors, sequence_index
 
 ScoreFn = Callable[[Array], Array]  # (N, L) int tokens -> (N, L, S) concrete scores
 
@@ -61,32 +69,8 @@ def _neighbour_mask(x: Array, num_states: int, dtype) -> Array:
     return 1 - jax.nn.one_hot(x, num_states, dtype=dtype)
 
 
-def hamming_neighbors(x: Array, num_states: int) -> Array:
-    """All single-position replacements of x.
-
-    Args:
-      x: (B, L) int tokens in [0, S).
-      num_states: S.
-    Returns:
-      (B, L, S, L) int: `out[b, i, y] = x_b` with position i set to y. The entry y = x_b^i is x_b
-      itself (not a neighbour; kept so the layout is rectangular).
-    """
-    _check_tokens(x)
-    _, length = x.shape
-    y = jnp.arange(num_states, dtype=x.dtype)[None, None, :, None]         # (1, 1, S, 1)
-    at_i = jnp.eye(length, dtype=bool)[None, :, None, :]                   # (1, L, 1, L)
-    return jnp.where(at_i, y, x[:, None, None, :])
-
-
-def _flat_index(x: Array, num_states: int) -> Array:
-    """Row-major index of each sequence in an (S,)*L table; x (..., L) -> (...)."""
-    length = x.shape[-1]
-    strides = num_states ** jnp.arange(length - 1, -1, -1)
-    return (x * strides).sum(-1)
-
-
 def concrete_score_table(probs: Array, x: Array) -> Array:
-    """True concrete score c_p(x) of an enumerated joint distribution (eq. 2.1).
+    """True concrete score c_p(x) of (1) for an enumerated joint distribution.
 
     Args:
       probs: joint table p of shape (S,)*L (L = x.shape[1]); need not be normalised.
@@ -100,13 +84,13 @@ def concrete_score_table(probs: Array, x: Array) -> Array:
         raise ValueError(f"probs must have shape (S,)*L with L={length}, got {probs.shape}")
     num_states = probs.shape[0]
     flat = probs.reshape(-1)
-    p_x = flat[_flat_index(x, num_states)]                                 # (B,)
-    p_nb = flat[_flat_index(hamming_neighbors(x, num_states), num_states)]  # (B, L, S)
+    p_x = flat[sequence_index(x, num_states)]                                 # (B,)
+    p_nb = flat[sequence_index(hamming_neighbors(x, num_states), num_states)]  # (B, L, S)
     return p_nb / p_x[:, None, None] - 1.0
 
 
 def csm_explicit(score: Array, target: Array, x: Array) -> tuple[Array, dict]:
-    """Eq. (2.3) integrand: ‖c_θ(x) - c_p(x)‖² over the Hamming-1 neighbours of x.
+    """The integrand of (2): ‖c_θ(x) - c_p(x)‖² over the Hamming-1 neighbours of x.
 
     E_{x~p_data}[values] = L(θ) = Σ_x p(x)‖c_θ(x) - c_p(x)‖², which needs the true score.
 
@@ -147,7 +131,7 @@ def gather_back_scores(scores_at_neighbors: Array, x: Array) -> Array:
 
 
 def csm_implicit(score: Array, back_score: Array, x: Array) -> tuple[Array, dict]:
-    """Eq. (2.4) integrand for a data point x ~ p_data (exact sums over the neighbours).
+    """The integrand of (3) for a data point x ~ p_data (exact sums over the neighbours).
 
         values = Σ_{(i,y) ∈ N(x)} (c_θ(x)_{iy}² + 2 c_θ(x)_{iy})  -  2 Σ_{x' ∈ N^{-1}(x)} c_θ(x')_{→x}
 
@@ -174,7 +158,7 @@ def csm_implicit(score: Array, back_score: Array, x: Array) -> tuple[Array, dict
 
 
 def csm_loss(score_fn: ScoreFn, x: Array) -> tuple[Array, dict]:
-    """Eq. (2.4) with the model called at x and at all L(S-1) neighbours (1 + L·S calls' rows).
+    """(3) with the model called at x and at all L(S-1) neighbours (1 + L·S calls' rows).
 
     Args:
       score_fn: (N, L) int tokens -> (N, L, S) concrete scores c_θ.
@@ -194,7 +178,7 @@ def csm_loss(score_fn: ScoreFn, x: Array) -> tuple[Array, dict]:
 
 def csm_loss_sampled(key: Array, score_fn: ScoreFn, x: Array, num_states: int
                      ) -> tuple[Array, dict]:
-    """The seed's sampled estimator of eq. (2.4): one neighbour per term, two model calls.
+    """A sampled, unbiased estimator of (3): one neighbour per term, two model calls.
 
     For each data point x: draw (i, y), y ≠ x^i, uniformly from N(x) (K = L(S-1) choices);
     first term K·(c_θ(x)_{iy}² + 2c_θ(x)_{iy}); second term -2K·c_θ(x^{i←y})_{i, x^i}, since

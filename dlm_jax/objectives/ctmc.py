@@ -1,68 +1,88 @@
-"""The continuous-time (CTMC) ELBO with an x0-parameterised reverse rate (Campbell et al., 2022).
+"""The continuous-time (CTMC) ELBO with an x0-parameterised reverse rate.
 
-Notation follows seed 002 §"Continuous Time Framework" and research/sedd_d3pm.md §8, in the
-project's **row convention** (design.md): per token, the forward rate is R_t = σ(t)·Q with
-Q[i, j] the rate i → j, q_{t|0}(x|x0) = expm(σ̄(t) Q)[x0, x]. A sequence x ∈ {0..S-1}^L
-diffuses independently per position (eq. 3.12), so only single-position jumps have a rate
-(eq. 3.16): R_t(x, x^{d←y}) = σ Q[x^d, y], with exit rate Z_t(x) = Σ_d σ·(-Q[x^d, x^d]).
+Reference: Campbell et al. (2022), "A Continuous Time Framework for Discrete Denoising Models"
+(NeurIPS 2022). The formulas are written out below and numbered (1)-(8) locally; function
+docstrings refer to these numbers.
 
-**Reverse rate, eq. (3.20).** With a denoiser p_θ(x0^d | x) per position,
+Notation, in the package's row convention (`Q[i, j]` is the rate i → j for i ≠ j and every row of
+Q sums to 0, see `dlm_jax.processes.transitions`): per token the forward rate is R_t = σ(t)·Q and
+q_{t|0}(x|x0) = expm(σ̄(t) Q)[x0, x]. A sequence x ∈ {0..S-1}^L diffuses independently per
+position, so only single-position jumps x → x^{d←y} (position d set to y) have a rate:
 
-    R̂^θ_t(x, x^{d←y}) = R_t(y, x^d) Σ_{x0} p_θ(x0 | x)_d q_{t|0}(y|x0) / q_{t|0}(x^d|x0),  y ≠ x^d,
+    (1)  R_t(x, x^{d←y}) = σ(t)·Q[x^d, y]   (y ≠ x^d),      Z_t(x) = Σ_d σ(t)·(-Q[x^d, x^d]),
+         r_t(x̃|x) = R_t(x, x̃) / Z_t(x)                     (the jump distribution, x̃ ≠ x),
+
+where Z_t(x) is the exit rate of x.
+
+**Reverse rate (2).** With a denoiser p_θ(x0^d | x) per position,
+
+    (2)  R̂^θ_t(x, x^{d←y}) = R_t(x^{d←y}, x) Σ_{x0} p_θ(x0 | x)_d q_{t|0}(y|x0) / q_{t|0}(x^d|x0),
+         y ≠ x^d,
 
 i.e. σ·Q[y, x^d]·ŝ(y) where ŝ(y) = Σ_{x0} p_θ(x0) q(y|x0)/q(x^d|x0) is the concrete score the
-denoiser implies (`score_from_x0`; exactly p_t(y)/p_t(x^d) for the true posterior). Terms with
-q(x^d|x0) = 0 are dropped: such x0 cannot have produced x (the true posterior gives them 0).
+denoiser implies (`score_from_x0`). Terms with q(x^d|x0) = 0 are dropped: such x0 cannot have
+produced x (the true posterior gives them 0). For the true posterior marginals q(x0^d | x) in
+place of p_θ, ŝ(y) = p_t(x^{d←y})/p_t(x) and (2) is the exact time reversal of the forward chain,
 
-**Bound, eq. (3.11)/(3.18) and its multi-dimensional form (3.29).** For one data point x0,
+    (3)  R̂_t(x, x̃) = R_t(x̃, x) · p_t(x̃) / p_t(x).
 
-    -log p_θ(x0) ≤ KL(q_{T|0}(·|x0) ‖ p_ref)
-                   + ∫_0^T dt E_{x~q_{t|0}(·|x0)} [ Σ_{x'≠x} R̂^θ_t(x, x')
-                                                    - Z_t(x) E_{x̃~r_t(·|x)} log R̂^θ_t(x̃, x) ]  + C(x0),
-    r_t(x̃|x) = R_t(x, x̃) / Z_t(x)   (x̃ ≠ x: one position changes, eq. 3.19).
+**Bound (4).** For one data point x0,
 
-The seed leaves C as "+C". It is the θ-free part of log dQ^{x0}/dP^θ over paths (the
-reference-path term of eq. 3.5). Written with the same expectations it is
+    (4)  -log p_θ(x0) ≤ KL(q_{T|0}(·|x0) ‖ p_ref)
+                        + ∫_0^T dt E_{x~q_{t|0}(·|x0)} [ Σ_{x'≠x} R̂^θ_t(x, x')
+                                                      - Z_t(x) E_{x̃~r_t(·|x)} log R̂^θ_t(x̃, x) ]
+                        + C(x0).
 
-    C(x0) = ∫_0^T dt E_x [ -Z_t(x) + Z_t(x) E_{x̃~r_t} log R̂^{x0}_t(x̃, x) ],
-    R̂^{x0}_t(x̃, x) = R_t(x, x̃) q_{t|0}(x|x0) / q_{t|0}(x̃|x0)   (the reverse rate given x0),
+Campbell et al. state the bound up to this θ-independent constant C. It is the θ-free part of
+log dQ^{x0}/dP^θ over paths (Q^{x0}: the forward path measure given x0, P^θ: the model's
+reverse path measure). Written with the same expectations it is
+
+    (5)  C(x0) = ∫_0^T dt E_x [ -Z_t(x) + Z_t(x) E_{x̃~r_t} log R̂^{x0}_t(x̃, x) ],
+         R̂^{x0}_t(x̃, x) = R_t(x, x̃) q_{t|0}(x|x0) / q_{t|0}(x̃|x0)   (the reverse rate given x0),
 
 so C contains the forward-rate terms Z_t(x)·log R_t(x, x̃). With C included the right-hand side
 is E_{Q^{x0}}[log dQ^{x0}/dP^θ] ≥ -log p_θ(x0), a true bound, ≥ 0 pointwise in t after
 averaging over x (it is a generalised KL between reverse rates). Per (t, x, x̃) we therefore
 compute
 
-    integrand = Σ_{x'≠x} R̂^θ(x, x')  -  Z_t(x)
-                + Z_t(x) · [ log R̂^{x0}(x̃, x) - log R̂^θ(x̃, x) ],
+    (6)  integrand = Σ_{x'≠x} R̂^θ(x, x')  -  Z_t(x)
+                     + Z_t(x) · [ log R̂^{x0}(x̃, x) - log R̂^θ(x̃, x) ],
 
 where the forward rate R_t(x, x̃) cancels inside the log-ratio. Everything is a sum over
 positions d, so values are returned per token, (B, L); sum over L for the per-sequence value.
 With the exact denoiser (true posterior marginals) the reverse rate is the true time reversal
-(eq. 3.17) and, for every x0,
+(3) and, for every x0,
 
-    ∫_{t0}^{1} E[integrand | x0] dt = KL(q_{t0|0}(·|x0) ‖ p_{t0}) - KL(q_{1|0}(·|x0) ‖ p_1),
+    (7)  ∫_{t0}^{1} E[integrand | x0] dt = KL(q_{t0|0}(·|x0) ‖ p_{t0}) - KL(q_{1|0}(·|x0) ‖ p_1),
 
 which is -log p0(x0) when σ̄(t0) = 0 and q_{1|0}(·|x0) = p_1 (tests check this). Averaged over
 x0 ~ p0 with σ̄(t0) = 0, the full bound (integral + E KL(q_{1|0}(·|x0) ‖ p_ref)) is
 H(p0) + KL(p_1 ‖ p_ref); the time integral alone is H(p0) - E_{x0} KL(q_{1|0}(·|x0) ‖ p_1).
 
+**Training estimator (8).** For one sample t, x ~ q_{t|0}(·|x0), x̃ ~ r_t(·|x), the E_{x̃} term
+of (6) is moved onto x̃: it is summed over *all* single-position predecessors x' of x̃, weighted
+by their exact posterior given x̃ and x0,
+
+    (8)  φ_t(x' | x̃, x0) ∝ q_{t|0}(x'|x0) R_t(x', x̃) / Z_t(x')     (normalised over all x'),
+         value = Σ_{x'≠x} R̂^θ(x, x') - Z_t(x)
+                 + Σ_{x'} φ_t(x'|x̃, x0) Z_t(x') [ log R̂^{x0}(x̃, x') - log R̂^θ(x̃, x') ].
+
+Its expectation over (x, x̃) equals that of (6) exactly (not approximately), because φ is
+normalised over all predecessors; the first line needs the model at x, the second at x̃ only.
+This is the multi-dimensional form of the bound that Campbell et al. train with.
+
 Functions:
-  * `x0_reverse_rate`, `score_from_x0`: eq. (3.20).
-  * `ctmc_elbo_given_xt`: the integrand at (t, x0, x_t) with the expectation over the jump
+  * `x0_reverse_rate`, `score_from_x0`: (2).
+  * `ctmc_elbo_given_xt`: the integrand (6) at (t, x0, x_t) with the expectation over the jump
     x̃ ~ r_t(·|x_t) done exactly (sum over all L(S-1) neighbours; the model runs on each).
   * `ctmc_elbo_expected`: additionally the exact expectation over x_t ~ q_{t|0}(·|x0) by
     enumerating all S^L sequences (tiny problems).
   * `ctmc_nelbo_exact`: Gauss–Legendre quadrature over t of the above plus the prior KL.
-  * `ctmc_elbo` (+ `sample_jump`, `ctmc_elbo_mc`): the training estimator of eq. (3.29). Given
-    one sampled t, x ~ q_{t|0}(·|x0) and x̃ ~ r_t(·|x), the first term uses the model at x and the
-    second the model at x̃, summing over *all* single-position predecessors x' of x̃ weighted by
-    the exact posterior φ_t(x'|x̃, x0) ∝ q_{t|0}(x'|x0) R_t(x', x̃)/Z_t(x') (eqs. 3.23-3.28;
-    tLDR's variance reduction, which is exact, not approximate, because φ is normalised over
-    all predecessors).
+  * `ctmc_elbo` (+ `sample_jump`, `ctmc_elbo_mc`): the training estimator (8).
   * `ctmc_prior_kl`: KL(q_{1|0}(·|x0^d) ‖ p_ref) per token.
 
 `denoise_fn` everywhere maps `(xt (N, L) int, sigma_bar (N,)) -> x0_probs (N, L, S)`.
-Values are per token (B, L); reduction is the caller's (design.md).
+Values are per token (B, L); reduction (sum over positions, mean over the batch) is the caller's.
 """
 from __future__ import annotations
 
@@ -73,8 +93,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from dlm_jax.objectives.nelbo import per_token_time
+from dlm_jax.oracles import all_sequences, hamming_neighbors
 from dlm_jax.processes.schedules import Schedule
-from dlm_jax.processes.transitions import Absorbing, Process, Uniform
+from dlm_jax.processes.transitions import Absorbing, Process, Uniform, default_float
 
 DenoiseFn = Callable[[Array, Array], Array]  # (xt (N, L), sigma_bar (N,)) -> (N, L, S)
 
@@ -82,20 +104,6 @@ MAX_ENUMERATED_STATES = 4096
 
 
 # --- small helpers ------------------------------------------------------------------------------
-
-def _per_token(v, shape: tuple[int, ...], dtype=None) -> Array:
-    """Broadcast a scalar / (B,) / (B, L) noise value to `shape`, aligning leading axes."""
-    v = jnp.asarray(v)
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-        v = v.astype(dtype or jnp.result_type(float))
-    if v.ndim > len(shape):
-        raise ValueError(f"noise of shape {v.shape} has more axes than tokens of shape {shape}")
-    v = v.reshape(v.shape + (1,) * (len(shape) - v.ndim))
-    try:
-        return jnp.broadcast_to(v, shape)
-    except ValueError as err:
-        raise ValueError(f"noise of shape {v.shape} does not broadcast to tokens {shape}") from err
-
 
 def _loss_dtype(x: Array):
     """At least float32 (bf16 model outputs are promoted; float64 stays float64)."""
@@ -108,8 +116,8 @@ def _safe_div(num: Array, den: Array) -> Array:
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def _safe_log(x: Array) -> Array:
-    """log x where x > 0, else 0 (for entries that carry zero weight)."""
+def _log_or_zero(x: Array) -> Array:
+    """log x where x > 0, else 0 (for entries that carry zero weight); same shape as x."""
     ok = x > 0
     return jnp.where(ok, jnp.log(jnp.where(ok, x, 1.0)), 0.0)
 
@@ -127,7 +135,7 @@ def _rate_out(process: Process, x: Array) -> Array:
     if isinstance(process, Uniform):
         return process.rate_into(x)  # Q is symmetric
     s = process.num_states
-    hot = jax.nn.one_hot(x, s, dtype=jnp.result_type(float))
+    hot = jax.nn.one_hot(x, s, dtype=default_float())
     if isinstance(process, Absorbing):
         out = jax.nn.one_hot(process.mask_id, s, dtype=hot.dtype) - hot
         return jnp.where((x == process.mask_id)[..., None], 0.0, out)
@@ -138,10 +146,10 @@ def _exit_rates(process: Process) -> Array:
     """(S,) exit rate -Q[v, v] of every state v at unit noise rate."""
     s = process.num_states
     if isinstance(process, Uniform):
-        return jnp.full((s,), 1.0 - 1.0 / s, jnp.result_type(float))
+        return jnp.full((s,), 1.0 - 1.0 / s, default_float())
     if isinstance(process, Absorbing):
-        return jnp.ones((s,), jnp.result_type(float)).at[process.mask_id].set(0.0)
-    return -jnp.diagonal(jnp.asarray(process.rate_matrix(), jnp.result_type(float)))
+        return jnp.ones((s,), default_float()).at[process.mask_id].set(0.0)
+    return -jnp.diagonal(jnp.asarray(process.rate_matrix(), default_float()))
 
 
 def _check(process: Process, x0_probs: Array | None, xt: Array, name: str = "xt") -> None:
@@ -157,7 +165,7 @@ def _check_batch(x: Array, name: str) -> None:
         raise ValueError(f"{name} must be (B, L) integer tokens, got {x.shape} {x.dtype}")
 
 
-# --- eq. (3.20) ---------------------------------------------------------------------------------
+# --- the reverse rate (2) -----------------------------------------------------------------------
 
 def score_from_x0(process: Process, x0_probs: Array, xt: Array, sigma_bar) -> Array:
     """The ratio the denoiser implies: ŝ(y) = Σ_{x0} p_θ(x0|x) q_{t|0}(y|x0) / q_{t|0}(x^d|x0).
@@ -175,7 +183,7 @@ def score_from_x0(process: Process, x0_probs: Array, xt: Array, sigma_bar) -> Ar
     """
     _check(process, x0_probs, xt)
     x0_probs = x0_probs.astype(_loss_dtype(x0_probs))
-    sb = _per_token(sigma_bar, xt.shape, x0_probs.dtype)
+    sb = per_token_time(sigma_bar, xt.shape, "sigma_bar", x0_probs.dtype)
     lik = process.likelihood(xt, sb).astype(x0_probs.dtype)  # q(xt | x0 = ·)
     weights = _safe_div(x0_probs, lik)
     # Σ_{x0} w[x0] q(y|x0) = (expm(σ̄Q)ᵀ w)[y] = staggered_score(w, -σ̄): matrix-free.
@@ -183,7 +191,7 @@ def score_from_x0(process: Process, x0_probs: Array, xt: Array, sigma_bar) -> Ar
 
 
 def x0_reverse_rate(process: Process, x0_probs: Array, xt: Array, sigma_bar, sigma) -> Array:
-    """Eq. (3.20): reverse rates out of x per position from an x0-denoiser.
+    """(2): reverse rates out of x per position from an x0-denoiser.
 
     `out[..., d, y] = σ(t)·Q[y, x^d]·Σ_{x0} p_θ(x0|x)_d q(y|x0)/q(x^d|x0)` for y ≠ x^d (the
     rate of the reverse jump x → x^{d←y}); `out[..., d, x^d] = -Σ_{y≠x^d} out[..., d, y]`.
@@ -198,18 +206,11 @@ def x0_reverse_rate(process: Process, x0_probs: Array, xt: Array, sigma_bar, sig
       get all-zero rows (Q[y, x] = 0 for y ≠ x).
     """
     ratio = score_from_x0(process, x0_probs, xt, sigma_bar)
-    rate = _per_token(sigma, xt.shape, ratio.dtype)[..., None]
+    rate = per_token_time(sigma, xt.shape, "sigma", ratio.dtype)[..., None]
     return rate * process.reverse_rate(xt, ratio).astype(ratio.dtype)
 
 
 # --- exact forms for tiny problems ----------------------------------------------------------------
-
-def _neighbors(x: Array, num_states: int) -> Array:
-    """(B, L) -> (B, L, S, L): [b, d, y] = x_b with position d set to y."""
-    length = x.shape[1]
-    y = jnp.arange(num_states, dtype=x.dtype)[None, None, :, None]
-    return jnp.where(jnp.eye(length, dtype=bool)[None, :, None, :], y, x[:, None, None, :])
-
 
 def ctmc_elbo_given_xt(process: Process, denoise_fn: DenoiseFn, x0: Array, xt: Array,
                        sigma_bar, sigma) -> tuple[Array, dict]:
@@ -220,7 +221,7 @@ def ctmc_elbo_given_xt(process: Process, denoise_fn: DenoiseFn, x0: Array, xt: A
         value_d = Σ_{y≠x^d} R̂^θ(x, x^{d←y})  -  σ·(-Q[x^d, x^d])
                   + Σ_{y≠x^d} σQ[x^d, y] [log q(x^d|x0^d) - log q(y|x0^d) - log ŝ_{x^{d←y}}(x^d)]
 
-    where σQ[x^d,y]·ŝ_{x^{d←y}}(x^d) = R̂^θ(x^{d←y}, x) is eq. (3.20) at the neighbour. The
+    where σQ[x^d,y]·ŝ_{x^{d←y}}(x^d) = R̂^θ(x^{d←y}, x) is (2) at the neighbour. The
     model runs at x and at all L·S neighbours. Positions with q(x^d|x0^d) = 0 (x_t impossible
     given x0) get finite but meaningless values; weight them by q(x_t|x0) = 0.
 
@@ -232,7 +233,7 @@ def ctmc_elbo_given_xt(process: Process, denoise_fn: DenoiseFn, x0: Array, xt: A
     Returns:
       values (B, L) per token, aux {"reverse_exit", "forward_exit", "log_rate_term"} — batch
       means of Σ_d of Σ_{x'≠x} R̂^θ(x, x'), Z_t(x), and Σ_{x̃} R_t(x, x̃) log R̂^θ(x̃, x), the
-      raw terms of eq. (3.18) (the last is Z_t(x)·E_{x̃}[log R̂^θ(x̃, x)]).
+      raw terms of (4) (the last is Z_t(x)·E_{x̃}[log R̂^θ(x̃, x)]).
     """
     _check_batch(x0, "x0")
     _check_batch(xt, "xt")
@@ -240,9 +241,9 @@ def ctmc_elbo_given_xt(process: Process, denoise_fn: DenoiseFn, x0: Array, xt: A
         raise ValueError(f"x0 {x0.shape} and xt {xt.shape} must have the same shape")
     b, length = xt.shape
     s = process.num_states
-    sb_b = _per_token(sigma_bar, (b,))
-    sg = _per_token(sigma, (b, length))
-    sb = _per_token(sigma_bar, (b, length))
+    sb_b = per_token_time(sigma_bar, (b,), "sigma_bar", default_float())
+    sg = per_token_time(sigma, (b, length), "sigma", default_float())
+    sb = per_token_time(sigma_bar, (b, length), "sigma_bar", default_float())
 
     probs = denoise_fn(xt, sb_b)
     _check(process, probs, xt)
@@ -251,7 +252,7 @@ def ctmc_elbo_given_xt(process: Process, denoise_fn: DenoiseFn, x0: Array, xt: A
     reverse_exit = -(rates * hot).sum(-1)                                   # (B, L)
     forward_exit = sg * _exit_rates(process).astype(rates.dtype)[xt]        # (B, L)
 
-    nbrs = _neighbors(xt, s)                                                # (B, L, S, L)
+    nbrs = hamming_neighbors(xt, s)                                         # (B, L, S, L)
     sb_nb = jnp.broadcast_to(sb_b[:, None, None], (b, length, s)).reshape(-1)
     probs_nb = denoise_fn(nbrs.reshape(-1, length), sb_nb).reshape(b, length, s, length, s)
     own = jnp.einsum("bdyls,dl->bdys", probs_nb, jnp.eye(length, dtype=probs_nb.dtype))
@@ -264,23 +265,14 @@ def ctmc_elbo_given_xt(process: Process, denoise_fn: DenoiseFn, x0: Array, xt: A
     q_cur = (q0 * hot).sum(-1, keepdims=True)                               # q(x^d | x0^d)
     on = fwd > 0
     log_back = _model_log(back, on)
-    log_ratio = _safe_log(q_cur) - _safe_log(q0) - log_back
+    log_ratio = _log_or_zero(q_cur) - _log_or_zero(q0) - log_back
     cross = jnp.where(on, fwd * log_ratio, 0.0).sum(-1)
     values = reverse_exit - forward_exit + cross
-    log_rate = jnp.where(on, fwd * (_safe_log(fwd) + log_back), 0.0).sum(-1)
+    log_rate = jnp.where(on, fwd * (_log_or_zero(fwd) + log_back), 0.0).sum(-1)
     aux = {"reverse_exit": reverse_exit.sum(-1).mean(),
            "forward_exit": forward_exit.sum(-1).mean(),
            "log_rate_term": log_rate.sum(-1).mean()}
     return values, aux
-
-
-def _all_sequences(num_states: int, length: int) -> Array:
-    """(S^L, L) int32: every sequence, row-major order."""
-    if num_states ** length > MAX_ENUMERATED_STATES:
-        raise ValueError(f"enumerating S^L = {num_states}^{length} sequences exceeds "
-                         f"{MAX_ENUMERATED_STATES}; use the Monte-Carlo estimator `ctmc_elbo`")
-    grid = np.stack(np.meshgrid(*[np.arange(num_states)] * length, indexing="ij"), -1)
-    return jnp.asarray(grid.reshape(-1, length), jnp.int32)
 
 
 def ctmc_elbo_expected(process: Process, denoise_fn: DenoiseFn, x0: Array, sigma_bar, sigma
@@ -297,10 +289,13 @@ def ctmc_elbo_expected(process: Process, denoise_fn: DenoiseFn, x0: Array, sigma
     """
     _check_batch(x0, "x0")
     b, length = x0.shape
-    seqs = _all_sequences(process.num_states, length)                      # (K, L)
+    try:
+        seqs = all_sequences(process.num_states, length, MAX_ENUMERATED_STATES)  # (K, L)
+    except ValueError as err:
+        raise ValueError(f"{err}; use the Monte-Carlo estimator `ctmc_elbo`") from None
     k = seqs.shape[0]
-    sb = _per_token(sigma_bar, (b,))
-    sg = _per_token(sigma, (b,))
+    sb = per_token_time(sigma_bar, (b,), "sigma_bar", default_float())
+    sg = per_token_time(sigma, (b,), "sigma", default_float())
     x0_rep = jnp.repeat(x0, k, axis=0)
     xt_rep = jnp.tile(seqs, (b, 1))
     sb_rep, sg_rep = jnp.repeat(sb, k), jnp.repeat(sg, k)
@@ -326,10 +321,11 @@ def ctmc_prior_kl(process: Process, x0: Array, sigma_bar_final, ref_probs: Array
     """
     _check_batch(x0, "x0")
     ref = process.limit_probs() if ref_probs is None else jnp.asarray(ref_probs)
-    q = process.transition(x0, _per_token(sigma_bar_final, x0.shape))
+    q = process.transition(x0, per_token_time(sigma_bar_final, x0.shape, "sigma_bar_final",
+                                                default_float()))
     ref = ref.astype(q.dtype)
-    terms = jnp.where(q > 0, q * (_safe_log(q) - jnp.where(ref > 0, _safe_log(ref), -jnp.inf)),
-                      0.0)
+    log_ref = jnp.where(ref > 0, _log_or_zero(ref), -jnp.inf)
+    terms = jnp.where(q > 0, q * (_log_or_zero(q) - log_ref), 0.0)
     return terms.sum(-1)
 
 
@@ -350,7 +346,7 @@ def ctmc_nelbo_exact(process: Process, schedule: Schedule, denoise_fn: DenoiseFn
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
     nodes, weights = np.polynomial.legendre.leggauss(num_points)
-    dtype = jnp.result_type(float)
+    dtype = default_float()
     ts = jnp.asarray(t_min + 0.5 * (t_max - t_min) * (nodes + 1.0), dtype)
     ws = jnp.asarray(0.5 * (t_max - t_min) * weights, dtype)
 
@@ -366,7 +362,7 @@ def ctmc_nelbo_exact(process: Process, schedule: Schedule, denoise_fn: DenoiseFn
     return integral + prior, {"integral": integral, "prior": prior}
 
 
-# --- Monte-Carlo training estimator, eq. (3.29) ---------------------------------------------------
+# --- Monte-Carlo training estimator (8) ---------------------------------------------------------
 
 def sample_jump(key: Array, process: Process, xt: Array) -> Array:
     """Draw x̃ ~ r_t(·|x): one position d and value y ≠ x^d with probability ∝ Q[x^d, y].
@@ -395,7 +391,7 @@ def sample_jump(key: Array, process: Process, xt: Array) -> Array:
 
 def ctmc_elbo(process: Process, x0_probs_xt: Array, x0_probs_jump: Array, x0: Array, xt: Array,
               x_jump: Array, sigma_bar, sigma) -> tuple[Array, dict]:
-    """Eq. (3.29) integrand for one sample (x0, t, x_t ~ q_{t|0}, x̃ ~ r_t(·|x_t)), plus C.
+    """The estimator (8) for one sample (x0, t, x_t ~ q_{t|0}, x̃ ~ r_t(·|x_t)), plus C.
 
     Per position d (R = σQ, q = q_{t|0}(·|x0), Z = exit rates):
 
@@ -403,19 +399,19 @@ def ctmc_elbo(process: Process, x0_probs_xt: Array, x0_probs_jump: Array, x0: Ar
                   + Σ_{v≠x̃^d} φ_{d,v} Z(x̃^{d←v}) [log R̂^{x0}(x̃, v) - log R̂^θ(x̃, v)]   [model at x̃]
 
     with φ_{d,v} ∝ q(v|x0^d)/q(x̃^d|x0^d) · Q[v, x̃^d] / Z(x̃^{d←v}) normalised over all (d, v):
-    the exact posterior of the pre-jump state given x̃ (eqs. 3.24-3.27), and
+    φ_t of (8), the exact posterior of the pre-jump state given x̃, and
     log R̂^{x0}(x̃, v) - log R̂^θ(x̃, v) = log q(v|x0^d) - log q(x̃^d|x0^d) - log ŝ_{x̃,d}(v). The
-    first line is eq. (3.29)'s first term with C's -Z_t(x); the second is its second term with
-    C's Z·log R̂^{x0}. Its expectation over x_t and x̃ equals `ctmc_elbo_expected`'s values; the
-    mean over t ~ U(0, T) times T estimates the time integral of the bound. If Z(x) = 0 there is
-    no jump and the second line is 0.
+    first line is the first term of the integrand of (4) with the -Z_t(x) of C (5); the second is
+    its second term with the Z·log R̂^{x0} of C. Its expectation over x_t and x̃ equals
+    `ctmc_elbo_expected`'s values; the mean over t ~ U(0, T) times T estimates the time integral
+    of the bound. If Z(x) = 0 there is no jump and the second line is 0.
 
     Args:
       process: forward process.
       x0_probs_xt: (B, L, S) p_θ(x0 | x_t).
-      x0_probs_jump: (B, L, S) p_θ(x0 | x̃). (tLDR's `one_forward_pass` reuses the model output
-        at x̃ for the first term too; that saves a call but biases the estimate, so it is not
-        done here.)
+      x0_probs_jump: (B, L, S) p_θ(x0 | x̃). (The code released with Campbell et al. (2022) has a
+        `one_forward_pass` option that reuses the model output at x̃ for the first term too;
+        that saves a call but biases the estimate, so it is not done here.)
       x0, xt, x_jump: (B, L) int tokens.
       sigma_bar, sigma: σ̄(t), σ(t): scalar, (B,) or (B, L).
     Returns:
@@ -432,7 +428,8 @@ def ctmc_elbo(process: Process, x0_probs_xt: Array, x0_probs_jump: Array, x0: Ar
     dtype = _loss_dtype(x0_probs_xt)
     x0_probs_xt, x0_probs_jump = x0_probs_xt.astype(dtype), x0_probs_jump.astype(dtype)
     shape = xt.shape
-    sb, sg = _per_token(sigma_bar, shape, dtype), _per_token(sigma, shape, dtype)
+    sb = per_token_time(sigma_bar, shape, "sigma_bar", dtype)
+    sg = per_token_time(sigma, shape, "sigma", dtype)
     exit_q = _exit_rates(process).astype(dtype)                             # (S,)
 
     # First term (model at x) and C's -Z_t(x).
@@ -452,7 +449,7 @@ def ctmc_elbo(process: Process, x0_probs_xt: Array, x0_probs_jump: Array, x0: Ar
     phi = _safe_div(w, w.sum((-2, -1), keepdims=True))
     ratio = score_from_x0(process, x0_probs_jump, x_jump, sb)               # ŝ_{x̃,d}(v)
     on = phi > 0
-    log_ratio = _safe_log(q0) - _safe_log(q_cur) - _model_log(ratio, on)
+    log_ratio = _log_or_zero(q0) - _log_or_zero(q_cur) - _model_log(ratio, on)
     jump = jnp.where(on, phi * sg[..., None] * z_pred * log_ratio, 0.0).sum(-1)
     jump = jnp.where(has_jump, jump, 0.0)
 
@@ -486,12 +483,12 @@ def ctmc_elbo_mc(key: Array, denoise_fn: DenoiseFn, x0: Array, *, process: Proce
         raise ValueError(f"t_min must be in [0, 1), got {t_min}")
     k_t, k_x, k_j = jax.random.split(key, 3)
     b = x0.shape[0]
-    dtype = jnp.result_type(float)
+    dtype = default_float()
     if t is None:
         t = jax.random.uniform(k_t, (b,), dtype, t_min, 1.0)
         scale = 1.0 - t_min
     else:
-        t = _per_token(t, (b,), dtype)
+        t = per_token_time(t, (b,), "t", dtype)
         scale = 1.0
     sb, sg = schedule.sigma_bar(t), schedule.sigma(t)
     xt = process.sample_transition(k_x, x0, sb[:, None])

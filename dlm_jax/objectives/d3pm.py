@@ -8,7 +8,7 @@ reverse step p_θ(x_{t-1} | x_t) built from p̃ by `D3PM.reverse_log_probs`:
     L_t = KL( q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t) )    for t ≥ 2
     L_1 = -log p_θ(x_0 | x_1)                                 (the decoder / reconstruction term)
 
-Indexing (this is where implementations disagree, design note §10.18): the term for step t uses
+Indexing (this is where implementations disagree): the term for step t uses
 x_t ~ q(x_t | x_0), i.e. exactly the (xt, t) pair a training step draws. L_t here is the paper's
 L_{t-1}; the D3PM image code calls it step t-1 and the text code step t-1 with x_{t}. L_1 is also
 KL(δ_{x_0} ‖ p_θ(x_0 | x_1)) because q(x_0 | x_1, x_0) = δ_{x_0}, so a single formula covers all
@@ -30,9 +30,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
 
+from dlm_jax.oracles import all_sequences
 from dlm_jax.processes.d3pm import D3PM, _expand_time
 
 
@@ -123,16 +123,6 @@ def d3pm_prior_term(x0: Array, process: D3PM) -> Array:
 LogitsFn = Callable[[Array, Array], Array]
 
 
-def _all_configs(num_states: int, length: int, max_configs: int) -> np.ndarray:
-    n = num_states ** length
-    if n > max_configs:
-        raise ValueError(f"exact enumeration needs S^L = {num_states}^{length} = {n} noisy "
-                         f"sequences, more than max_configs={max_configs}; use "
-                         f"d3pm_bound_all_steps")
-    grids = np.meshgrid(*([np.arange(num_states)] * length), indexing="ij")
-    return np.stack([g.reshape(-1) for g in grids], axis=-1).astype(np.int32)  # (C, L)
-
-
 def d3pm_exact_bound(logits_fn: LogitsFn, x0: Array, process: D3PM, *,
                      parameterization: str = "mixture",
                      max_configs: int = 4096) -> tuple[Array, Array]:
@@ -156,7 +146,10 @@ def d3pm_exact_bound(logits_fn: LogitsFn, x0: Array, process: D3PM, *,
         raise ValueError(f"x0 must be (B, L), got shape {x0.shape}")
     b, length = x0.shape
     s = process.num_states
-    configs = jnp.asarray(_all_configs(s, length, max_configs))  # (C, L)
+    try:
+        configs = all_sequences(s, length, max_configs)  # (C, L)
+    except ValueError as err:
+        raise ValueError(f"{err}; use d3pm_bound_all_steps") from None
     c = configs.shape[0]
     xt = jnp.broadcast_to(configs[None], (b, c, length))
     x0_rep = jnp.broadcast_to(x0[:, None, :], (b, c, length))

@@ -1,5 +1,9 @@
 """Continuous-time masked-diffusion NELBO (MDLM) and its block-wise use (BD3-LM).
 
+References: Sahoo et al. (2024), "Simple and Effective Masked Diffusion Language Models" (MDLM);
+Arriola et al. (2025), "Block Diffusion: Interpolating Between Autoregressive and Diffusion
+Language Models" (BD3-LM).
+
 Absorbing forward process with keep probability alpha(t) (schedules.py). For clean tokens x0 and
 x_t ~ q(·|x0) the negative ELBO of a denoiser p_θ(x0_i | x_t) is
 
@@ -14,8 +18,9 @@ of the tokens is still clean at t = 1 and the bound needs KL(q(x_1|x0) ‖ p_1),
 tests/test_elbo_identities.py.
 
 BD3-LM: the sequence is cut into K blocks of Lb tokens; block k gets its own time t_k and is
-denoised given the clean blocks < k. The per-token formula is the same with t replaced by the
-time of the token's block, so pass `t` per token, e.g. `expand_block_times(t_blocks, Lb)`.
+denoised given the clean blocks < k. The per-token formula is the same with t replaced by the time
+of the token's block, so pass `t` per token, e.g.
+`dlm_jax.processes.corruption.block_times(t_blocks, Lb)`.
 """
 from __future__ import annotations
 
@@ -30,39 +35,39 @@ from dlm_jax.processes.schedules import Schedule
 NEG_INF = -1e6
 
 
-def per_token_time(t, shape: tuple[int, int], name: str = "t") -> Array:
-    """Broadcast a time / noise argument to per-token shape (B, L).
+def per_token_time(t, shape: tuple[int, ...], name: str = "t", dtype=None) -> Array:
+    """Broadcast a time / noise argument to per-token shape, normally (B, L).
 
-    Accepts a scalar, a per-sequence (B,) or (B, 1) array, or a per-token (B, L) array. A 1-D
-    array is always read as per-sequence (so (B,) never broadcasts against L by accident).
-    Integers are cast to float32; floats keep their dtype.
+    Accepts a scalar, a per-sequence (B,) or (B, 1) array, or a per-token (B, L) array. The axes
+    of `t` are aligned with the *leading* axes of `shape` (t is padded with trailing singleton
+    axes, then broadcast like NumPy), so a 1-D array is always read as per-sequence, (B,) or
+    (1,), and a (B,) array never broadcasts against L by accident. Any token shape works the same
+    way: for `shape = (B,)` the result is per-sequence (B,); for `shape = (B, L, S)` a (B, L, 1)
+    array is broadcast over S.
+
+    Args:
+      t: scalar or array with at most len(shape) axes, each of size 1 or the matching size.
+      shape: the token shape (B, ...) to broadcast to.
+      name: the argument's name, for error messages.
+      dtype: the float dtype that non-float input (ints, bools) is cast to; default float32.
+        Float input keeps its dtype.
+    Returns:
+      `shape` float array.
     """
-    b, l = shape
+    shape = tuple(shape)
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.floating):
-        t = t.astype(jnp.float32)
-    if t.ndim == 1:
-        if t.shape[0] != b:
-            raise ValueError(f"{name} of shape {t.shape} is read as per-sequence and must have "
-                             f"length B = {b}")
-        t = t[:, None]
-    elif t.ndim > 2:
-        raise ValueError(f"{name} must be a scalar, (B,), (B, 1) or (B, L) = {shape}; got shape "
-                         f"{t.shape}")
+        t = t.astype(jnp.float32 if dtype is None else dtype)
+    if t.ndim > len(shape):
+        raise ValueError(f"{name} of shape {t.shape} has more axes than the tokens of shape "
+                         f"{shape}; pass a scalar, (B,), (B, 1) or the token shape")
     try:
-        return jnp.broadcast_to(t, shape)
+        return jnp.broadcast_to(t.reshape(t.shape + (1,) * (len(shape) - t.ndim)), shape)
     except ValueError:
-        raise ValueError(f"{name} of shape {t.shape} does not broadcast to (B, L) = "
-                         f"{shape}") from None
-
-
-def expand_block_times(t_blocks: Array, block_len: int) -> Array:
-    """Per-block times (B, K) → per-token times (B, K·Lb), each repeated over its block."""
-    if t_blocks.ndim != 2:
-        raise ValueError(f"t_blocks must be (B, K), got shape {t_blocks.shape}")
-    if block_len < 1:
-        raise ValueError(f"block_len must be >= 1, got {block_len}")
-    return jnp.repeat(t_blocks, block_len, axis=1)
+        per_seq = (f": a 1-D array is read as per-sequence and must have length B = {shape[0]}"
+                   if t.ndim == 1 else "")
+        raise ValueError(f"{name} of shape {t.shape} does not broadcast to the tokens of shape "
+                         f"{shape}{per_seq}") from None
 
 
 def subs_log_probs(logits: Array, xt: Array, mask_id: int) -> Array:

@@ -1,7 +1,10 @@
 """Denoising score entropy (SEDD) for any per-token CTMC forward process.
 
-Notation (row convention, design.md): Q[y, x] is the rate y → x; a process's `rate_into(x)` is
-Q[·, x]. The network outputs log-scores ℓ with `exp(ℓ[b, i, y]) ≈ p_t(x_t^i ← y) / p_t(x_t)`;
+Reference: Lou, Meng and Ermon (2024), "Discrete Diffusion Modeling by Estimating the Ratios of
+the Data Distribution" (SEDD).
+
+Notation (row convention: Q[y, x] is the rate y → x for y ≠ x and every row of Q sums to 0, see
+`dlm_jax.processes.transitions`); a process's `rate_into(x)` is Q[·, x]. The network outputs log-scores ℓ with `exp(ℓ[b, i, y]) ≈ p_t(x_t^i ← y) / p_t(x_t)`;
 the entry y = x_t^i is 1 by definition and is ignored here (whatever the network put there).
 
 Per position i (DWDSE, SEDD Thm 3.6 / Eq. 10, including the constant K term):
@@ -24,11 +27,12 @@ Fast paths (exact algebraic rewrites of the definition, valid for ANY log-score)
     token: Q[y, x] = 0 for y ≠ x ≠ m). With Q[y, m] = 1 for y ≠ m, r_{x0} = 1/E and r_y = 0 otherwise:
         DSE = σ · [ Σ_{y ∉ {m, x0}} s_y + (1/E) ψ(ℓ_{x0} + log E) ]
             = σ · (1/E) · [ Σ_{y ≠ m} e^{ℓ̃_y} − 1 − ℓ̃_{x0} ],   ℓ̃ := ℓ + log E,
-    the form of research/sedd_d3pm.md §1.3 (with SEDD's scale_by_sigma, ℓ̃ is the raw output − log(V_states − 1)).
+    the form the SEDD code evaluates for its absorbing graph: with SEDD's `scale_by_sigma` output
+    shift (`scale_by_sigma_offset`), ℓ̃ is the raw network output − log(V_states − 1).
   * Uniform (S = V, Q = 11ᵀ/V − I): every y ≠ x has weight 1/V; with ρ = E / (E + V)
     (log ρ = log(1 − e^{−σ̄}) − log1p((V − 1) e^{−σ̄}), stable for every σ̄ > 0):
     x_t = x0 → r_y = ρ for all y ≠ x_t;  x_t ≠ x0 → r_{x0} = 1/ρ and r_y = 1 otherwise.
-Any other process (e.g. `Dense`) takes the generic path through `transition` and `rate_into`.
+Any other process (e.g. `MatrixProcess`) takes the generic path through `transition` and `rate_into`.
 """
 from __future__ import annotations
 
@@ -172,7 +176,7 @@ def score_entropy(process: Process, log_score: Array, xt: Array, x0: Array, sigm
     """Per-token denoising score entropy σ(t)·Σ_{y≠x_t} Q[y, x_t]·(s − r log s + K(r)).
 
     Args:
-      process: the forward process (Uniform, Absorbing, Dense or any `Process`).
+      process: the forward process (Uniform, Absorbing, MatrixProcess or any `Process`).
       log_score: (B, L, S) log s_θ(x_t, t); entry [b, i, y] ≈ log p_t(x_t^i ← y)/p_t(x_t). The
         entry at y = x_t^i is ignored (no value, no gradient).
       xt: (B, L) int noised tokens.

@@ -1,7 +1,9 @@
 """D3PM: discrete-time discrete diffusion (Austin et al. 2021), uniform and absorbing kernels.
 
 Time is discrete, t = 0, 1, …, T, with x_0 the clean token and x_T (almost) a draw from the prior.
-Matrices follow the row convention of design.md (the D3PM paper's own convention):
+Matrices follow the row convention of the D3PM paper (Austin et al., 2021, "Structured Denoising
+Diffusion Models in Discrete State-Spaces"), the same one as `transitions` (row i holds the
+probabilities, or rates, of leaving state i):
 
     Q_t[i, j] = q(x_t = j | x_{t-1} = i)      (row-stochastic),    t = 1 … T
     Q̄_t = Q_1 Q_2 ⋯ Q_t,   Q̄_t[i, j] = q(x_t = j | x_0 = i),     Q̄_0 = I
@@ -59,17 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from dlm_jax.processes.transitions import default_float
+
 KINDS = ("uniform", "absorbing")
 SCHEDULES = ("linear", "cosine", "jsd")
 PARAMETERIZATIONS = ("mixture", "joint")
 DEFAULT_SCHEDULE = {"uniform": "cosine", "absorbing": "jsd"}
 COSINE_OFFSET = 0.008
 COSINE_MAX_BETA = 0.999
-
-
-def _float():
-    """The default float dtype: float32, or float64 under `jax.enable_x64`."""
-    return jnp.result_type(float)
 
 
 def d3pm_betas(schedule: str, num_steps: int, beta_min: float = 0.02,
@@ -110,8 +109,9 @@ def _expand_time(t, ndim: int, name: str = "t") -> Array:
     return t.reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
-def _safe_log(p: Array) -> Array:
-    """log p with log 0 = -inf and no NaN/inf in gradients of the unused branch (NaN stays NaN)."""
+def _log_or_neg_inf(p: Array) -> Array:
+    """log p with log 0 = -inf, elementwise, same shape as p; no NaN/inf in gradients of the unused
+    branch (NaN stays NaN)."""
     zero = p == 0
     return jnp.where(zero, -jnp.inf, jnp.log(jnp.where(zero, 1.0, p)))
 
@@ -181,7 +181,7 @@ class D3PM:
 
         NaN outside [0, T], so that bad times are visible rather than silently clamped.
         """
-        tab = jnp.asarray(self._tables["all"], _float())
+        tab = jnp.asarray(self._tables["all"], default_float())
         vals = tab[jnp.clip(t, 0, self.num_steps)]
         vals = jnp.where(((t >= 0) & (t <= self.num_steps))[..., None], vals, jnp.nan)
         i = 2 if cumulative else 0
@@ -190,23 +190,23 @@ class D3PM:
     def prior_probs(self) -> Array:
         """π, the stationary / limit distribution and the prior p(x_T): (S,)."""
         if self.kind == "uniform":
-            return jnp.full((self.num_states,), 1.0 / self.num_states, _float())
-        return jax.nn.one_hot(self.mask_id, self.num_states, dtype=_float())
+            return jnp.full((self.num_states,), 1.0 / self.num_states, default_float())
+        return jax.nn.one_hot(self.mask_id, self.num_states, dtype=default_float())
 
     def _pi_at(self, x: Array) -> Array:
         """π[x] for tokens x: same shape as x."""
         if self.kind == "uniform":
-            return jnp.full(x.shape, 1.0 / self.num_states, _float())
-        return (x == self.mask_id).astype(_float())
+            return jnp.full(x.shape, 1.0 / self.num_states, default_float())
+        return (x == self.mask_id).astype(default_float())
 
     # --- schedules ----------------------------------------------------------------------------
     def betas(self) -> Array:
         """β_1 … β_T: (T,), entry t-1 is β_t."""
-        return jnp.asarray(self._tables["beta"][1:], _float())
+        return jnp.asarray(self._tables["beta"][1:], default_float())
 
     def alpha_bars(self) -> Array:
         """ᾱ_0 … ᾱ_T: (T+1,), ᾱ_0 = 1 and ᾱ_t = Π_{s≤t} (1 - β_s)."""
-        return jnp.asarray(self._tables["alpha_bar"], _float())
+        return jnp.asarray(self._tables["alpha_bar"], default_float())
 
     # --- matrices (dense; for tests and small vocabularies) -----------------------------------
     def _rank_one(self, keep: Array) -> Array:
@@ -243,12 +243,12 @@ class D3PM:
     # --- rows and columns, closed form --------------------------------------------------------
     def _row(self, x: Array, keep: Array, move: Array) -> Array:
         """keep·e_x + move·π: (..., S)."""
-        hot = jax.nn.one_hot(x, self.num_states, dtype=_float())
+        hot = jax.nn.one_hot(x, self.num_states, dtype=default_float())
         return keep[..., None] * hot + move[..., None] * self.prior_probs()
 
     def _column(self, x: Array, keep: Array, move: Array) -> Array:
         """Column x of keep·I + move·1πᵀ: keep·e_x + move·π[x]·1, (..., S)."""
-        hot = jax.nn.one_hot(x, self.num_states, dtype=_float())
+        hot = jax.nn.one_hot(x, self.num_states, dtype=default_float())
         return keep[..., None] * hot + (move * self._pi_at(x))[..., None]
 
     def q_xt_given_x0(self, x0: Array, t) -> Array:
@@ -314,7 +314,7 @@ class D3PM:
         logits = jnp.asarray(logits)
         if not jnp.issubdtype(logits.dtype, jnp.floating):
             raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
-        logits = logits.astype(jnp.promote_types(logits.dtype, _float()))
+        logits = logits.astype(jnp.promote_types(logits.dtype, default_float()))
         n = logits.shape[-1] if logits.ndim else None
         if self.kind == "absorbing":
             if n == self.vocab_size:
@@ -334,7 +334,7 @@ class D3PM:
 
     def _log_column(self, x: Array, keep: Array, move: Array) -> Array:
         """log of `_column` (no parameters involved), -inf where 0: (..., S)."""
-        return _safe_log(self._column(x, keep, move))
+        return _log_or_neg_inf(self._column(x, keep, move))
 
     def _log_mix(self, log_w: Array, keep: Array, move: Array) -> Array:
         """log(w M) for M = keep·I + move·1πᵀ and unnormalised log-weights log_w (..., S).
@@ -349,7 +349,7 @@ class D3PM:
         coef = move[..., None] * self.prior_probs()
         pos = coef > 0
         mixed = jnp.log(jnp.where(pos, keep[..., None] * w + coef, 1.0))
-        direct = _safe_log(keep)[..., None] + log_w - c
+        direct = _log_or_neg_inf(keep)[..., None] + log_w - c
         return c + jnp.where(pos, mixed, direct)
 
     def reverse_log_probs(self, xt: Array, logits: Array, t, *,
@@ -377,7 +377,7 @@ class D3PM:
         if parameterization == "mixture":
             # w(x0) = p̃(x0 | x_t) / q(x_t | x0), over the x0 that can produce x_t.
             lik = self.likelihood(xt, t)
-            log_w = jnp.where(lik > 0, log_p0 - _safe_log(lik), -jnp.inf)
+            log_w = jnp.where(lik > 0, log_p0 - _log_or_neg_inf(lik), -jnp.inf)
         else:
             log_w = log_p0
         # Σ_{x0} w(x0) Q̄_{t-1}[x0, ·]  (a row mixture), then times the column Q_t[·, x_t].
@@ -409,7 +409,7 @@ class D3PM:
             un = col * row
             total = un.sum(-1, keepdims=True)
             return jnp.where(total == 0, 0.0, un / jnp.where(total == 0, 1.0, total))
-        return jnp.exp(self.reverse_log_probs(xt, _safe_log(x0), t,
+        return jnp.exp(self.reverse_log_probs(xt, _log_or_neg_inf(x0), t,
                                               parameterization=parameterization))
 
     def sample_reverse(self, key: Array, xt: Array, logits: Array, t, *,
@@ -434,13 +434,7 @@ class D3PM:
             kl = (a + b / k) * math.log1p(a * (k - 1))
             if b > 0:
                 kl += (k - 1) / k * b * math.log(b)
-            return jnp.full(x0.shape, kl, _float())
+            return jnp.full(x0.shape, kl, default_float())
         if a == 0:
-            return jnp.zeros(x0.shape, _float())
-        return jnp.where(x0 == self.mask_id, 0.0, jnp.inf).astype(_float())
-
-
-def make_d3pm(kind: str, vocab_size: int, num_steps: int = 1000, schedule: str | None = None,
-              **kwargs) -> D3PM:
-    """Build a `D3PM` process by name; see the class for the arguments."""
-    return D3PM(kind, vocab_size, num_steps, schedule, **kwargs)
+            return jnp.zeros(x0.shape, default_float())
+        return jnp.where(x0 == self.mask_id, 0.0, jnp.inf).astype(default_float())

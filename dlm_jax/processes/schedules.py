@@ -61,10 +61,6 @@ class Schedule:
         """-alpha'(t) / (1 - alpha(t)) ≥ 0; same shape as t."""
         return -self.dalpha(t) / self.move_prob(t)
 
-    def __call__(self, t) -> tuple[Array, Array]:
-        """(sigma_bar(t), sigma(t)), the pair SEDD's code calls `noise(t)`."""
-        return self.sigma_bar(t), self.sigma(t)
-
 
 @dataclasses.dataclass(frozen=True)
 class LogLinear(Schedule):

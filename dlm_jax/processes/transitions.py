@@ -1,8 +1,12 @@
 """Continuous-time forward processes over a finite state space, per token.
 
-Row convention (design.md): `Q[i, j]` is the rate of jumping from state i to j (i ≠ j), rows sum
-to 0, and `expm(sigma_bar · Q)[x0, j] = q(x_t = j | x_0 = x0)`. SEDD's code uses the transpose
-(columns); its `transp_transition`/`transp_rate` are our `likelihood`/`rate_into`.
+Row convention (used throughout the package): `Q[i, j]` is the rate of jumping from state i to
+state j (i ≠ j), the diagonal is `Q[i, i] = -Σ_{j≠i} Q[i, j]` so every row sums to 0, and
+`expm(sigma_bar · Q)[x0, j] = q(x_t = j | x_0 = x0)` (a row-stochastic matrix). This is the
+convention of Campbell et al. (2022), "A Continuous Time Framework for Discrete Denoising Models".
+The SEDD code (Lou et al., 2024, "Discrete Diffusion Modeling by Estimating the Ratios of the Data
+Distribution") stores the transpose (columns); its `transp_transition`/`transp_rate` are our
+`likelihood`/`rate_into`.
 
 A process offers, for token arrays of any shape `(...)` and noise `sigma_bar` broadcastable to it:
   * `transition(x0, sigma_bar) -> (..., S)`: q(x_t = · | x_0 = x0), the row of expm(σ̄Q).
@@ -13,8 +17,9 @@ A process offers, for token arrays of any shape `(...)` and noise `sigma_bar` br
     R̄[xt] = -Σ_{y≠xt} R̄[y] — the time reversal at unit noise rate; multiply by sigma(t).
   * `staggered_score(score, dsigma) -> (..., S)`: expm(-dσ Q)ᵀ score, used by Tweedie τ-leaping.
   * `sample_transition(key, x0, sigma_bar)`, `sample_limit(key, shape)`, `limit_probs()`.
-Uniform and Absorbing compute all of these in closed form, without an S×S matrix; `Dense` does it
-for any small user-given generator through `jax.scipy.linalg.expm`, and is the independent check.
+Uniform and Absorbing compute all of these in closed form, without an S×S matrix; `MatrixProcess`
+does it for any small user-given generator through `jax.scipy.linalg.expm`, and is the independent
+check.
 
 S = `num_states`; for Absorbing, S = vocab_size + 1 and the mask is state `mask_id = vocab_size`.
 """
@@ -40,7 +45,7 @@ def _one_hot(x: Array, num_states: int, dtype) -> Array:
     return jax.nn.one_hot(x, num_states, dtype=dtype)
 
 
-def _float():
+def default_float():
     """The default float dtype: float32, or float64 under `jax.enable_x64`."""
     return jnp.result_type(float)
 
@@ -85,7 +90,7 @@ class Uniform(Process):
         return self.vocab_size
 
     def rate_matrix(self) -> Array:
-        """Dense (V, V) generator; for small vocabularies and tests."""
+        """The (V, V) generator as a dense matrix; for small vocabularies and tests."""
         v = self.vocab_size
         return jnp.full((v, v), 1.0 / v) - jnp.eye(v)
 
@@ -99,7 +104,7 @@ class Uniform(Process):
 
     def rate_into(self, x: Array) -> Array:
         v = self.vocab_size
-        return jnp.full(x.shape + (v,), 1.0 / v, _float()) - _one_hot(x, v, _float())
+        return jnp.full(x.shape + (v,), 1.0 / v, default_float()) - _one_hot(x, v, default_float())
 
     def staggered_score(self, score: Array, dsigma) -> Array:
         """expm(-dσ Q)ᵀ score = e^{dσ} s + (1 - e^{dσ})/V · Σ s; (..., V)."""
@@ -114,7 +119,7 @@ class Uniform(Process):
         return jnp.where(move, new, x0)
 
     def limit_probs(self) -> Array:
-        return jnp.full((self.vocab_size,), 1.0 / self.vocab_size, _float())
+        return jnp.full((self.vocab_size,), 1.0 / self.vocab_size, default_float())
 
     def sample_limit(self, key: Array, shape: tuple[int, ...]) -> Array:
         return jax.random.randint(key, shape, 0, self.vocab_size, dtype=jnp.int32)
@@ -138,7 +143,7 @@ class Absorbing(Process):
         return self.vocab_size
 
     def rate_matrix(self) -> Array:
-        """Dense (V+1, V+1) generator; for small vocabularies and tests."""
+        """The (V+1, V+1) generator as a dense matrix; for small vocabularies and tests."""
         s, m = self.num_states, self.mask_id
         q = -jnp.eye(s).at[:, m].set(-1.0)  # row i: -1 at i, +1 at m
         return q.at[m].set(0.0)
@@ -161,7 +166,7 @@ class Absorbing(Process):
         return jnp.where(is_mask > 0, from_mask, jnp.exp(-s) * hot)
 
     def rate_into(self, x: Array) -> Array:
-        hot = _one_hot(x, self.num_states, _float())
+        hot = _one_hot(x, self.num_states, default_float())
         is_mask = hot[..., self.mask_id:]
         return jnp.where(is_mask > 0, 1.0 - hot, -hot)
 
@@ -178,15 +183,15 @@ class Absorbing(Process):
         return jnp.where(move, jnp.asarray(self.mask_id, x0.dtype), x0)
 
     def limit_probs(self) -> Array:
-        return _one_hot(jnp.asarray(self.mask_id), self.num_states, _float())
+        return _one_hot(jnp.asarray(self.mask_id), self.num_states, default_float())
 
     def sample_limit(self, key: Array, shape: tuple[int, ...]) -> Array:
         del key
         return jnp.full(shape, self.mask_id, jnp.int32)
 
 
-class Dense(Process):
-    """Any small generator Q (S, S), row convention; everything through `expm`.
+class MatrixProcess(Process):
+    """A process given by any small dense generator Q (S, S), row convention; all through `expm`.
 
     `limit` defaults to the stationary distribution (unique for an ergodic Q or a Q with one
     absorbing state); pass it explicitly otherwise. `mask_id` may name an absorbing state.
@@ -232,14 +237,14 @@ class Dense(Process):
         return jnp.take_along_axis(p, xt[..., None, None], axis=-1)[..., 0]
 
     def rate_into(self, x: Array) -> Array:
-        return jnp.asarray(self._q, _float()).T[x]
+        return jnp.asarray(self._q, default_float()).T[x]
 
     def staggered_score(self, score: Array, dsigma) -> Array:
         p = self._expm(-jnp.asarray(dsigma))  # (..., S, S)
         return jnp.einsum("...yx,...y->...x", p, score)
 
     def limit_probs(self) -> Array:
-        return jnp.asarray(self._limit, _float())
+        return jnp.asarray(self._limit, default_float())
 
 
 PROCESSES = {"uniform": Uniform, "absorbing": Absorbing}

@@ -1,9 +1,9 @@
 """Training-throughput benchmark: tokens/s and MFU per family, side by side in one process.
 
-    python -m dlm_jax.bench train [--size bench|tiny] [--families ar,mdlm,bd3lm,sedd,d3pm]
+    python benchmarks/bench.py train [--size bench|tiny] [--families ar,mdlm,bd3lm,sedd,d3pm]
                                   [--steps N] [--passes P] [--out FILE.json]
                                   [--seq_len 256 --batch 8 --block 16] [--extra dropout,clip_ema,remat]
-    python -m dlm_jax.bench profile [--families mdlm,bd3lm] [--steps N] [--out FILE.json]
+    python benchmarks/bench.py profile [--families mdlm,bd3lm] [--steps N] [--out FILE.json]
 
 `train` measures, in ONE process (the machine's speed drifts, so everything that is compared is
 measured side by side):
@@ -13,15 +13,17 @@ measured side by side):
      step and `--steps` timed steps (each followed by `block_until_ready` on the new state);
      passes interleave the families, so drift hits all of them alike.
 Figures: median step time (min–max over all timed steps), tokens/s = batch·L / step time,
-achieved FLOP/s = tokens/s · `Trainer.flops_per_token()` (6·N + attention; ×2 for the BD3-LM
-two-pass input), MFU = achieved / the median jax matmul peak of this run.
+achieved FLOP/s = tokens/s · `Experiment.flops_per_token()` (the method's count: 6·N for the
+matmuls, ×2 for the BD3-LM two-pass input, plus the attention actually computed, block-sparse
+for two-pass), MFU = achieved / the median jax matmul peak of this run.
 
-Setup (the "bench" size of the PyTorch reference, shared/research/peer_bench.md): DiT width 256,
+Setup (the "bench" size at which the PyTorch reference was measured): DiT width 256,
 depth 4, 4 heads, cond 128; the byte tokenizer's 258 ids (+ the mask state for absorbing
 processes), L 256, batch 8, float32, AdamW (β 0.9/0.999, eps 1e-8, no weight decay), no gradient
 clipping and no EMA (the reference's "core" rows; `--extra clip_ema` adds rows with both),
 dropout 0 (`--extra dropout` adds rows at the presets' 0.1; the reference ran with 0.1). Random
 token batches go straight to `Trainer.train_step`: no data loading in the timed region.
+Family settings come from `CASES` (a table, so no code here branches on a family name).
 BD3-LM uses block 16 (two-pass [x_t ⊕ x_0] forward); D3PM T = 1000 (absorbing, jsd schedule);
 SEDD absorbing with the log-linear schedule.
 
@@ -45,13 +47,25 @@ import time
 
 import numpy as np
 
-FAMILIES = ("ar", "mdlm", "bd3lm", "sedd", "d3pm")
+# family: (registry family, takes the block size, extra config fields)
+CASES = {
+    "ar": ("ar", False, ()),
+    "mdlm": ("mdlm", False, ()),
+    "bd3lm": ("bd3lm", True, ()),
+    "sedd": ("sedd", False, ()),
+    "d3pm": ("d3pm", False, (("diffusion.d3pm_steps", 1000), ("diffusion.d3pm_schedule", "jsd"),
+                             ("diffusion.hybrid_lambda", 0.01))),
+}
+FAMILIES = tuple(CASES)
 
 # The PyTorch reference (kuleshov-group/bd3lms @ 1c3e8f4, torch 2.13 CPU, 2 threads), measured on
-# this machine kind: shared/research/peer_bench.md §0/§5.1, pooled over 3 passes, dropout 0.1,
-# no clip/EMA. tok/s median (min, max); GFLOP/step is their own count (matmuls + dense attention).
+# an AMD Zen 3 VM of 2 vCPUs (2026-11-22), pooled over 3 passes, dropout 0.1, no clip/EMA. tok/s
+# median (min, max); GFLOP/step is their own count (matmuls + dense attention). Ratios against it
+# mean something only when this benchmark runs on that CPU model (`REFERENCE["cpu"]`).
 REFERENCE = {
-    "source": "shared/research/peer_bench.md §0, §5.1-5.2 (kuleshov-group/bd3lms @ 1c3e8f4)",
+    "source": "kuleshov-group/bd3lms @ 1c3e8f4, measured on the project's Zen 3 VM, 2026-11-22",
+    "cpu": "AMD EPYC (Zen 3), 2 vCPUs",
+    "cpu_family_model": ("25", "1"),
     "peak_matmul_gflops": 113.5,   # 2048² f32 torch.mm, pooled median at the start of each pass
     "dropout": 0.1,
     "families": {
@@ -87,11 +101,14 @@ def make_config(family: str, *, size: str = "bench", seq_len: int | None = None,
                 batch: int | None = None, block: int | None = None, dropout: float = 0.0,
                 clip_ema: bool = False, remat: str = "none", vocab: int | None = None):
     """The benchmark Config for one family (synthetic Markov source, no data is read)."""
-    from dlm_jax.config import Config, apply_family, validate
+    from dlm_jax.config import Config, validate
+    from dlm_jax.registry import apply_family, set_fields
     preset, L0, B0, blk0 = SIZES[size]
     L = seq_len or L0
+    name, blocks, fields = CASES[family]
     cfg = Config(name=f"bench-{family}")
-    apply_family(cfg, family, (block or blk0) if family == "bd3lm" else 0)
+    apply_family(cfg, name, block=(block or blk0) if blocks else 0)
+    set_fields(cfg, fields)
     cfg.data.source = "markov"
     cfg.data.markov_vocab = vocab or byte_vocab()
     cfg.data.seq_len = L
@@ -100,9 +117,6 @@ def make_config(family: str, *, size: str = "bench", seq_len: int | None = None,
     cfg.model.remat = remat
     cfg.model.compute_dtype = "float32"
     cfg.diffusion.process = "absorbing"
-    if family == "d3pm":
-        cfg.diffusion.d3pm_steps, cfg.diffusion.d3pm_schedule = 1000, "jsd"
-        cfg.diffusion.hybrid_lambda = 0.01
     cfg.optim.lr, cfg.optim.warmup_steps = 3e-4, 0
     cfg.optim.b1, cfg.optim.b2, cfg.optim.eps, cfg.optim.weight_decay = 0.9, 0.999, 1e-8, 0.0
     cfg.optim.grad_clip = 1.0 if clip_ema else 0.0
@@ -151,10 +165,23 @@ def measure_peak(n: int = 2048, repeats: int = 5) -> dict:
             "loadavg": list(os.getloadavg())}
 
 
+def _cpu_family_model() -> tuple[str, str] | None:
+    """(cpu family, model) from /proc/cpuinfo, e.g. ("25", "1") for AMD Zen 3."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines()
+                          if ":" in ln)
+    except OSError:
+        return None
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("cpu family"), fields.get("model")
+
+
 def machine_info() -> dict:
     import jax
     import jaxlib
     info = {"python": platform.python_version(), "platform": platform.platform(),
+            "cpu_family_model": _cpu_family_model(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -190,7 +217,8 @@ class Case:
         B, L = cfg.train.batch_size, cfg.data.seq_len
         self.tokens_per_step = B * L
         rng = np.random.default_rng(seed)
-        self.batch = {"tokens": rng.integers(0, self.trainer.token_vocab, (B, L), dtype=np.int32)}
+        self.batch = {"tokens": rng.integers(0, self.trainer.exp.token_vocab, (B, L),
+                                             dtype=np.int32)}
         self.first_step_s = None
         self.times: list[list[float]] = []
         self.losses: list[float] = []
@@ -219,14 +247,14 @@ class Case:
     def summary(self, peak_flops: float) -> dict:
         all_t = [t for p in self.times for t in p]
         st = _stats(all_t)
-        fpt = self.trainer.flops_per_token()
+        exp = self.trainer.exp
+        fpt = exp.flops_per_token()
         tok = self.tokens_per_step / st["median"]
         achieved = tok * fpt
         return {
             "family": self.family,
-            "num_params": int(self.trainer.num_params),
-            "model_vocab": int(self.trainer.process.num_states if self.trainer.process is not None
-                               else self.trainer.token_vocab),
+            "num_params": int(exp.num_params),
+            "model_vocab": int(exp.method.model_vocab(exp.token_vocab)),
             "dropout": self.cfg.model.dropout,
             "clip_ema": self.cfg.optim.grad_clip > 0,
             "block_size": self.cfg.diffusion.block_size,
@@ -315,7 +343,9 @@ def run_train(args) -> dict:
             "numpy_gflops": float(np.median([pk["numpy_gflops"] for pk in peaks])),
             "measurements": peaks}
         result["cases"] = {}
-        comparable = (args.size == "bench" and (args.seq_len or 256) == 256
+        # The reference was measured on one CPU model (family 25 model 1): elsewhere no ratio.
+        comparable = (_cpu_family_model() == REFERENCE["cpu_family_model"]
+                      and args.size == "bench" and (args.seq_len or 256) == 256
                       and (args.batch or 8) == 8 and (args.block or 16) == 16)
         result["comparable_to_reference"] = comparable
         for case in cases:
@@ -379,23 +409,26 @@ def phase_functions(case: Case) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
-    from flax import nnx
+    from dlm_jax.masks import causal_mask
+    from dlm_jax.methods import ContinuousTime
+    from dlm_jax.models import model_dims
     from dlm_jax.models.layers import TwoPassMask, attend
     tr, cfg = case.trainer, case.cfg
+    exp, method = tr.exp, tr.exp.method
     # Copies: the train step donates (and so deletes) the state it is given.
     params = jax.tree.map(jnp.copy, case.state.params)
     opt_state = jax.tree.map(jnp.copy, case.state.opt_state)
     batch = {"tokens": jnp.asarray(case.batch["tokens"])}
     key = jax.random.key(1)
     B, L = case.batch["tokens"].shape
-    fam = case.family
-    two_pass = fam == "bd3lm" and cfg.diffusion.block_size < L
+    two_pass = isinstance(method, ContinuousTime) and method.blocks
+    clip = jnp.asarray(cfg.diffusion.clip, jnp.float32)
 
     def loss(p, b, k):
-        return tr.loss_fn(nnx.merge(tr.graphdef, p), b, k, train=True)[0]
+        return method.loss(exp.model(p), b, k, train=True, clip=clip)[0]
 
     def model_out(p, b):
-        m = nnx.merge(tr.graphdef, p)
+        m = exp.model(p)
         x = b["tokens"]
         if two_pass:
             return m.two_pass(x, x, jnp.zeros((B,)), cfg.diffusion.block_size)
@@ -404,19 +437,17 @@ def phase_functions(case: Case) -> dict:
     grads = jax.tree.map(jnp.zeros_like, params)
 
     def update(p, g, o):
-        u, o = tr.tx.update(g, o, p)
+        u, o = tr.program.tx.update(g, o, p)
         return optax.apply_updates(p, u), o
 
-    from dlm_jax.registry import model_dims
-    d = model_dims(cfg)
+    d = model_dims(cfg.model)
     H, Dh, depth = d["heads"], d["width"] // d["heads"], d["depth"]
     S = 2 * L if two_pass else L
     ks = jax.random.split(jax.random.key(2), 3)
     q, k_, v = (jax.random.normal(kk, (B, S, H, Dh), jnp.float32) for kk in ks)
     if two_pass:
         mask = TwoPassMask(cfg.diffusion.block_size)  # what DiT.two_pass uses
-    elif fam == "ar":
-        from dlm_jax.masks import causal_mask
+    elif method.causal:
         mask = causal_mask(L)[None]
     else:
         mask = None
@@ -493,7 +524,8 @@ def run_profile(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m dlm_jax.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench.py",
+                                 description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, fams, steps, passes in (("train", ",".join(FAMILIES), 10, 2),
                                       ("profile", "mdlm,bd3lm", 5, 2)):

@@ -1,0 +1,37 @@
+"""Evaluators the trainer runs every `train.eval_every` steps (and `dlm_jax.evaluate` once).
+
+An evaluator is called as `evaluator(params, batches) -> (metrics, updates)`: `batches` an
+iterator of global validation batches (shared, in order, by the evaluators of one evaluation),
+`metrics` a dict of floats, `updates` TrainState fields to replace (the clip search sets
+`clip`; evaluation alone ignores them).
+"""
+from __future__ import annotations
+
+from dlm_jax.evals.clip_search import ClipSearch, clip_candidates
+from dlm_jax.evals.validation import Validation
+
+EVALUATORS = {"validation": Validation, "clip_search": ClipSearch}
+
+
+def validation_batches(exp):
+    """Global validation batches of `train.batch_size` rows, the same sequence every call."""
+    from dlm_jax.data.pipeline import to_global
+    ds = exp.dataset("validation", global_batch=exp.cfg.train.batch_size, repeat=True,
+                     shuffle=False)
+    return (to_global(b, exp.batch_sharding) for b in ds)
+
+
+def build_evaluators(exp, program, *, batches: int | None = None, clip_search: bool | None = None
+                     ) -> list:
+    """The evaluators a run of `exp` uses: validation, then (when `diffusion.var_min` is on and
+    the method has one) the clip search. `batches` overrides `train.eval_batches`."""
+    cfg = exp.cfg
+    out = [Validation(exp, program.eval_step, batches or cfg.train.eval_batches)]
+    search = cfg.diffusion.var_min if clip_search is None else clip_search
+    if search and exp.method.clip_search:
+        out.append(ClipSearch(exp, cfg.diffusion.clip_search_batches))
+    return out
+
+
+__all__ = ["ClipSearch", "EVALUATORS", "Validation", "build_evaluators", "clip_candidates",
+           "validation_batches"]
