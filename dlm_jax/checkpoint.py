@@ -5,6 +5,11 @@ exact step and the exact next batch. Saves are asynchronous and atomic (orbax co
 directory only once it is complete) and the newest `keep` steps are preserved, so no run loses a
 checkpoint it already wrote. Restoring onto a different mesh works: pass an abstract state whose
 leaves carry the new shardings.
+
+Faults: a newest checkpoint that cannot be restored (a truncated or corrupt file) is renamed
+`<step>.unreadable` — kept, never deleted — and the next older one is tried; a save that fails
+(disk full, a read-only directory) raises `CheckpointError` naming the step and the directory,
+at the save itself or, for an asynchronous save, at the next `check()`.
 """
 from __future__ import annotations
 
@@ -14,14 +19,31 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or no checkpoint could be restored; says which."""
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, without tensorstore's trailing spec dump."""
+    text = str(e).strip()
+    line = text.splitlines()[0].split(" [tensorstore_spec")[0] if text else ""
+    return f"{type(e).__name__}: {line}".rstrip(": ")
 
 
 class Checkpointer:
-    """Thin wrapper around `ocp.CheckpointManager` for (state, data iterator) pairs."""
+    """Thin wrapper around `ocp.CheckpointManager` for (state, data iterator) pairs.
+
+    `create=False` (evaluation, sampling) never creates the directory.
+    """
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                  create: bool = True):
         self.directory = os.path.abspath(directory)
+        self.skipped: list[tuple[int, str]] = []  # (step, reason) of unreadable checkpoints
+        self._pending: int | None = None            # the step an async save is writing
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
@@ -33,26 +55,74 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._mngr.all_steps())
 
+    def path(self, step: int | None) -> str:
+        return "none" if step is None else os.path.join(self.directory, str(step))
+
     def save(self, step: int, state: Any, data_iter=None, *, force: bool = False) -> bool:
         """Start saving `state` (and the iterator position) as `step`; returns whether it did."""
+        if self._pending is not None:  # orbax waits for it anyway; a failure names its step
+            self.wait()
         args = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+        try:
+            saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+        except Exception as e:  # noqa: BLE001 - re-raised with the step and the directory
+            raise CheckpointError(f"saving step {step} to {self.directory} failed: "
+                                  f"{_first_line(e)}") from e
+        if saved:
+            self._pending = step
+        return saved
 
-    def restore(self, abstract_state: Any, data_iter=None, step: int | None = None):
-        """Restore `step` (default: latest) into the shapes/shardings of `abstract_state`.
+    def check(self) -> None:
+        """Raise CheckpointError if an asynchronous save has failed. Cheap: once the pending save
+        is no longer in progress, collecting its outcome does not wait."""
+        if self._pending is not None and not self._mngr.is_saving_in_progress():
+            self.wait()
 
-        `data_iter`, if given, is moved to the saved position in place. Returns (step, state).
-        """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    def _restore(self, step: int, abstract_state: Any, data_iter):
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
-        return step, restored.state
+        return self._mngr.restore(step, args=ocp.args.Composite(**args)).state
+
+    def restore(self, abstract_state: Any, data_iter=None, step: int | None = None):
+        """Restore `step` (default: the newest restorable) into `abstract_state`'s layout.
+
+        `data_iter`, if given, is moved to the saved position in place. Without `step`, an
+        unreadable checkpoint is renamed `<step>.unreadable`, recorded in `skipped` and logged,
+        and the next older one is tried. Returns (step, state).
+        """
+        if step is not None:
+            return step, self._restore(step, abstract_state, data_iter)
+        for candidate in sorted(self.all_steps(), reverse=True):
+            try:
+                return candidate, self._restore(candidate, abstract_state, data_iter)
+            except Exception as e:  # noqa: BLE001 - any failure: fall back to an older step
+                reason = _first_line(e)
+                self.skipped.append((candidate, reason))
+                self._set_aside(candidate)
+                logging.warning("checkpoint %s is unreadable (%s); trying an older one",
+                                self.path(candidate), reason)
+        if self.skipped:
+            raise CheckpointError(f"no checkpoint in {self.directory} could be restored: "
+                                  + "; ".join(f"step {s}: {r}" for s, r in self.skipped))
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+
+    def _set_aside(self, step: int) -> None:
+        """Rename an unreadable step directory so it is kept but no longer a checkpoint."""
+        if jax.process_index() == 0:
+            src = self.path(step)
+            dst = f"{src}.unreadable"
+            n = 1
+            while os.path.exists(dst):
+                n += 1
+                dst = f"{src}.unreadable{n}"
+            os.replace(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"dlm_jax_set_aside_{step}")
+        self._mngr.reload()
 
     def restore_state_only(self, abstract_state: Any, step: int | None = None):
         """Restore only the train state (evaluation, sampling); returns (step, state)."""
@@ -64,11 +134,20 @@ class Checkpointer:
         return step, restored.state
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        """Wait for the pending save; CheckpointError if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            what = f"step {step}" if step is not None else "a checkpoint"
+            raise CheckpointError(f"saving {what} to {self.directory} failed: "
+                                  f"{_first_line(e)}") from e
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -13,6 +13,7 @@ combinations no paper ran are a config change.
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 
@@ -29,6 +30,8 @@ class DataConfig:
     text_key: str = "text"
     text_per_line: bool = False     # text: one document per line instead of per file
     validation_fraction: float = 0.02  # stdlib / text: share of documents in validation
+    text_split: str = "auto"        # text: documents (by hash) | bytes (each file's last
+                                    # validation_fraction) | auto (bytes when < 2 documents)
     tokenizer: str = "byte"         # byte | gpt2 (encoder.json + vocab.bpe) | hf (tokenizer.json)
     tokenizer_path: str = ""
     add_bos: bool = False           # put the tokenizer's BOS before every document
@@ -120,6 +123,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 500
     keep: int = 3
+    stop_check_every: int = 10      # several hosts: agree on a SIGTERM every this many steps
     async_checkpoint: bool = True
     tensorboard: bool = False
     profile_steps: tuple = ()       # (start, stop) to capture a jax.profiler trace
@@ -200,6 +204,9 @@ def validate(cfg: Config) -> Config:
     _choice("data.tokenizer", d.tokenizer, {"byte", "gpt2", "hf"})
     _choice("data.mode", d.mode, {"wrap", "pack"})
     _check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
+    _choice("data.text_split", d.text_split, {"auto", "documents", "bytes"})
+    _check(0.0 < d.validation_fraction < 1.0, "data.validation_fraction", d.validation_fraction,
+           "must be in (0, 1)")
     if d.source == "text":
         _check(len(d.paths) > 0, "data.paths", d.paths, "source 'text' needs at least one path or glob")
     if d.source == "tfds":
@@ -245,7 +252,7 @@ def validate(cfg: Config) -> Config:
     _check(df.d3pm_steps >= 1, "diffusion.d3pm_steps", df.d3pm_steps, "must be >= 1")
     _check(df.hybrid_lambda >= 0, "diffusion.hybrid_lambda", df.hybrid_lambda, "must be >= 0")
 
-    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be finite and > 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _choice("optim.decay", o.decay, {"constant", "cosine"})
     _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
@@ -256,7 +263,7 @@ def validate(cfg: Config) -> Config:
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _check(t.batch_size % o.accum_steps == 0, "train.batch_size", t.batch_size,
            f"must be divisible by optim.accum_steps={o.accum_steps}")
-    for key in ("log_every", "eval_every", "ckpt_every", "keep"):
+    for key in ("log_every", "eval_every", "ckpt_every", "keep", "stop_check_every"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     _check(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
 
@@ -299,3 +306,45 @@ def parse_arg(arg: str | None, *, positional: tuple[str, ...], options: dict[str
             raise ConfigError(f"{where}: option {key}={value!r} must be a "
                               f"{options[key].__name__}") from None
     return values, opts
+
+
+# Fields a resumed run may not change: they change the parameters' shapes or meaning, the
+# vocabulary, the process or the blocks (the checkpoint would not fit, or would mean something
+# else). Any other change (lr, steps, cadences, data order, mesh) is allowed and reported.
+RESUME_FIXED = (
+    "model.size", "model.width", "model.depth", "model.heads", "model.cond_dim",
+    "model.mlp_ratio", "model.time_conditioning", "model.token_conditioning",
+    "model.scale_by_sigma", "diffusion.objective", "diffusion.process", "diffusion.block_size",
+    "diffusion.d3pm_steps", "diffusion.d3pm_schedule", "data.source", "data.tokenizer",
+    "data.tokenizer_path", "data.markov_vocab",
+)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(fixed, allowed): "key: old -> new" lines between two `Config.to_dict()`s (or their JSON).
+
+    `fixed` lists changes of `RESUME_FIXED` fields and of optimizer settings that change the
+    train state's structure (EMA or gradient clipping switched on or off)."""
+    def norm(v):
+        return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+    a = {k: norm(v) for k, v in _flatten(old).items()}
+    b = {k: norm(v) for k, v in _flatten(json.loads(json.dumps(new, default=str))).items()}
+    fixed, allowed = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        structural = (key in ("optim.ema_decay", "optim.grad_clip")
+                      and ((a.get(key) or 0) > 0) != ((b.get(key) or 0) > 0))
+        (fixed if key in RESUME_FIXED or structural else allowed).append(line)
+    return fixed, allowed

@@ -11,29 +11,56 @@ import jax.numpy as jnp
 
 
 class MetricsWriter:
-    """Appends one JSON object per call to `workdir/metrics.jsonl` on host 0 only."""
+    """Appends one JSON object per call to `workdir/metrics.jsonl` on host 0 only.
+
+    Nothing is created until the first write. `truncate_after(step)` drops rows of later steps
+    (a run resumed from `step` after a crash would otherwise log those steps twice).
+    """
 
     def __init__(self, workdir: str, tensorboard: bool = False):
         self.active = jax.process_index() == 0
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard = tensorboard
         self._tb = None
-        if self.active:
-            os.makedirs(workdir, exist_ok=True)
-            if tensorboard:
-                try:
-                    from tensorboardX import SummaryWriter
-                except ImportError as e:
-                    raise ImportError("config.train.tensorboard=True needs the tensorboardX "
-                                      "package: pip install -e '.[tb]'") from e
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        if self.active and tensorboard:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError as e:
+                raise ImportError("config.train.tensorboard=True needs the tensorboardX "
+                                  "package: pip install -e '.[tb]'") from e
+
+    def truncate_after(self, step: int) -> int:
+        """Remove rows with a step above `step`; returns how many were removed."""
+        if not self.active or not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        keep = []
+        for ln in lines:
+            try:
+                if int(json.loads(ln)["step"]) <= step:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):
+                pass  # a row cut off by a crash
+        if len(keep) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        return len(lines) - len(keep)
 
     def write(self, step: int, values: dict) -> None:
         if not self.active:
             return
+        os.makedirs(self.workdir, exist_ok=True)
         row = {"step": int(step), **{k: _py(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
+        if self.tensorboard:
+            if self._tb is None:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(self.workdir, "tb"))
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
@@ -59,11 +86,13 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float,
+def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float | None,
                   mfu: float | None, eta_s: float) -> str:
+    """One progress line; tokens/s (and MFU) are left out when no step was timed."""
     mfu_txt = f" mfu {100 * mfu:5.1f}%" if mfu is not None else ""
-    return (f"step {step:>6d}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{tokens_per_s:,.0f} tok/s{mfu_txt} | eta {format_duration(eta_s)}")
+    speed = f"{tokens_per_s:,.0f} tok/s{mfu_txt}" if tokens_per_s is not None else "– tok/s"
+    return (f"step {step:>6d}/{total} | loss {loss:.4f} | lr {lr:.2e} | {speed} | "
+            f"eta {format_duration(eta_s)}")
 
 
 def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:

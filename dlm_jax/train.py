@@ -2,7 +2,9 @@
 
 Any config field can be overridden: `--config.optim.lr=3e-4 --config.train.steps=100`.
 `--config configs/tiny.py:bd3lm,block=4` passes the text after ':' to `get_config`.
-Restarting with the same --workdir resumes from the newest checkpoint.
+Restarting with the same --workdir resumes from the newest checkpoint. `--config_help` lists
+every config field with its default. Bad input (an unknown key, a missing file, a bad value)
+prints one `error: …` line and exits with code 2, writing nothing.
 """
 from __future__ import annotations
 
@@ -12,19 +14,22 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dlm_jax.cli import fail, parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False,
                                "Call jax.distributed.initialize() (TPU pods, SLURM clusters).")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG_HELP = flags.DEFINE_bool("config_help", False, "List every config field with its default.")
 
 
 def main(argv) -> int:
     del argv
     import jax
+    from dlm_jax.checkpoint import CheckpointError
     from dlm_jax.config import ConfigError
-    from dlm_jax.trainer import NonFiniteLossError, Trainer
+    from dlm_jax.trainer import NonFiniteLossError, Trainer, _say
 
     if _MULTIHOST.value:
         env = os.environ
@@ -35,29 +40,38 @@ def main(argv) -> int:
             jax.distributed.initialize()
     logging.set_verbosity(logging.WARNING)
     cfg = _CONFIG.value
+    if cfg is None or _WORKDIR.value is None:
+        fail("--config and --workdir are required (--config_help lists the config fields)")
     try:
         trainer = Trainer(cfg, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if jax.process_index() == 0:
-        exp = trainer.exp
-        print(f"dlm_jax: {cfg.name} | method {exp.method.name} | objective "
-              f"{cfg.diffusion.objective} | process {cfg.diffusion.process} | "
-              f"{exp.num_params / 1e6:.2f}M params | {jax.device_count()} device(s) | "
-              f"workdir {trainer.workdir}", flush=True)
+        data_iter = trainer.train_iterator()  # bad data settings fail here, before any output
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as e:
+        fail(_message(e))
+    exp = trainer.exp
+    _say(f"dlm_jax: {cfg.name} | method {exp.method.name} | objective "
+         f"{cfg.diffusion.objective} | process {cfg.diffusion.process} | "
+         f"{exp.num_params / 1e6:.2f}M params | {jax.device_count()} device(s) | "
+         f"workdir {trainer.workdir}")
     try:
-        summary = trainer.run()
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        summary = trainer.run(data_iter)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:  # data, resume checks
+        fail(_message(e))
+    except (NonFiniteLossError, CheckpointError) as e:
+        fail(_message(e), code=3)
     finally:
-        trainer.close()
-    if jax.process_index() == 0:
-        print(f"done: step {summary['final_step']} | checkpoint {summary['checkpoint']} | "
-              f"metrics {summary['metrics']}", flush=True)
+        try:
+            trainer.close()
+        except CheckpointError as e:
+            fail(_message(e), code=3)
+    _say(f"done: step {summary['final_step']} | checkpoint {summary['checkpoint']} | "
+         f"metrics {summary['metrics']}")
     return 0
 
 
+def _message(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return str(text)
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -12,4 +12,16 @@ for ((i = 0; i < N; i++)); do
     "$PY" -m dlm_jax.train --multihost --config="$CONFIG" --workdir="$WORKDIR" "$@" &
   pids+=($!)
 done
-for p in "${pids[@]}"; do wait "$p"; done
+# Forward SIGTERM/SIGINT to every worker (they save and exit together) and never orphan them.
+forward() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
+trap forward TERM INT
+trap 'kill -KILL "${pids[@]}" 2>/dev/null || true' EXIT
+rc=0
+for p in "${pids[@]}"; do
+  while true; do
+    wait "$p" && break || st=$?
+    kill -0 "$p" 2>/dev/null || { rc=$((rc > st ? rc : st)); break; }  # exited (else: a trap)
+  done
+done
+trap - EXIT
+exit "$rc"

@@ -207,8 +207,22 @@ def test_text_source(tmp_path):
     missing = str(tmp_path / "nothing*.md")
     with pytest.raises(FileNotFoundError, match="nothing\\*.md"):
         sources.text_documents(missing, "train")
-    with pytest.raises(ValueError, match="per_line=True"):
-        sources.text_documents(str(tmp_path / "doc_0.txt"), "train")
+    one = str(tmp_path / "doc_0.txt")
+    with pytest.raises(ValueError, match="data.text_split='bytes'"):
+        sources.text_documents(one, "train", split_by="documents")
+    # One file trains: the last validation_fraction of its bytes is validation (auto or bytes).
+    text = contents["doc_0.txt"].encode()
+    for split_by in ("auto", "bytes"):
+        train = sources.text_documents(one, "train", split_by=split_by, validation_fraction=0.25)
+        val = sources.text_documents(one, "validation", split_by=split_by,
+                                     validation_fraction=0.25)
+        assert train[0] + val[0] == text and len(val[0]) == round(len(text) * 0.25)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="every matching file is empty"):
+        sources.text_documents(str(tmp_path / "empty.txt"), "train")
+    (tmp_path / "blob.txt").write_bytes(b"abc\0def")
+    with pytest.raises(ValueError, match="blob.txt looks binary \\(a NUL byte at offset 3\\)"):
+        sources.text_documents(str(tmp_path / "blob.txt"), "train")
 
 
 # ------------------------------------------------------------------------------------------

@@ -182,7 +182,8 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
 @pytest.mark.parametrize("field,value,match", [
     ("diffusion.block_size", 5, "diffusion.block_size=5: must divide data.seq_len=32"),
     ("diffusion.objective", "gpt", "diffusion.objective='gpt' is not allowed"),
-    ("optim.lr", -1.0, "optim.lr=-1.0: must be > 0"),
+    ("optim.lr", -1.0, "optim.lr=-1.0: must be finite and > 0"),
+    ("optim.lr", float("inf"), "optim.lr=inf: must be finite and > 0"),
     ("data.tokenizer", "gpt2", "data.tokenizer_path=''"),
     ("diffusion.clip", (0.8, 0.2), "diffusion.clip"),
     ("mesh.shape", (3, -1), "mesh.shape"),
@@ -306,7 +307,9 @@ def test_searched_clip_interval_survives_a_restart(tmp_path):
     chex.assert_trees_all_equal(jax.device_get(full.state.params),
                                 jax.device_get(second.state.params))
     assert summary["clip/beta_l"] == full_summary["clip/beta_l"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     reported = evaluate_run(str(tmp_path / "resumed"))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # writes nothing
     assert (reported["clip/beta_l"], reported["clip/beta_u"]) == pytest.approx(
         (full_summary["clip/beta_l"], full_summary["clip/beta_u"]))
     full.close()

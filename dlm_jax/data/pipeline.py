@@ -254,7 +254,7 @@ def dataset_vocab_size(source: str, tokenizer: Tokenizer | None = None, *,
 
 
 def _local_documents(source: str, split: str, *, paths, max_bytes, text_per_line,
-                     validation_fraction, process_index, process_count) -> list[bytes]:
+                     validation_fraction, split_by, process_index, process_count) -> list[bytes]:
     if source == "stdlib":
         docs = sources_lib.stdlib_documents(split, max_bytes=max_bytes,
                                             validation_fraction=validation_fraction)
@@ -264,7 +264,7 @@ def _local_documents(source: str, split: str, *, paths, max_bytes, text_per_line
                              "{'train': ..., 'validation': ...})")
         docs = sources_lib.text_documents(paths, split, per_line=text_per_line,
                                           validation_fraction=validation_fraction,
-                                          max_bytes=max_bytes)
+                                          max_bytes=max_bytes, split_by=split_by)
     local = docs[process_index::process_count]
     if not local:
         raise ValueError(f"source={source!r} split={split!r} has {len(docs)} documents, none for "
@@ -383,6 +383,7 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
                                                   rows.shape).copy()
     else:
         docs = _local_documents(source, split, paths=data.paths, max_bytes=max_bytes,
+                                split_by=data.text_split,
                                 text_per_line=data.text_per_line,
                                 validation_fraction=data.validation_fraction,
                                 process_index=process_index, process_count=process_count)

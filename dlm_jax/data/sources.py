@@ -226,6 +226,10 @@ def _read_docs(files: list[str], per_line: bool) -> tuple[list[bytes], list[str]
     for f, key in zip(files, _file_keys(files)):
         with open(f, "rb") as fh:
             data = fh.read()
+        nul = data.find(b"\0", 0, 1 << 16)
+        if nul >= 0:
+            raise ValueError(f"{f} looks binary (a NUL byte at offset {nul}); "
+                             f"data.source='text' reads text files")
         if per_line:
             for i, line in enumerate(data.split(b"\n")):
                 line = line.rstrip(b"\r")
@@ -238,10 +242,26 @@ def _read_docs(files: list[str], per_line: bool) -> tuple[list[bytes], list[str]
     return docs, keys
 
 
+SPLIT_BY = ("auto", "documents", "bytes")
+
+
+def _byte_split(docs: list[bytes], keys: list[str], split: str, fraction: float
+                ) -> tuple[list[bytes], list[str]]:
+    """The last `fraction` of every document's bytes is validation, the rest train."""
+    out_docs, out_keys = [], []
+    for d, k in zip(docs, keys):
+        cut = len(d) - max(1, int(round(len(d) * fraction)))
+        part = d[cut:] if split == "validation" else d[:cut]
+        if part:
+            out_docs.append(part)
+            out_keys.append(f"{k}[{split}]")
+    return out_docs, out_keys
+
+
 def text_documents(paths: str | Sequence[str] | Mapping[str, str | Sequence[str]],
                    split: str = "train", *, per_line: bool = False,
                    validation_fraction: float = 0.02, max_bytes: int | None = None,
-                   return_keys: bool = False):
+                   return_keys: bool = False, split_by: str = "auto"):
     """Documents from local text files.
 
     Args:
@@ -251,7 +271,10 @@ def text_documents(paths: str | Sequence[str] | Mapping[str, str | Sequence[str]
         its own files (no hashing).
       split: "train" or "validation".
       per_line: one document per non-empty line instead of one per file.
-      validation_fraction: share of documents in validation when splitting by hash.
+      validation_fraction: share of documents (or of each document's bytes) in validation.
+      split_by: "documents" (by the stable hash of each document's key; needs ≥ 2 documents),
+        "bytes" (the last `validation_fraction` of every document's bytes is validation: one
+        file trains), or "auto" (documents when there are at least 2, else bytes).
       max_bytes: cap on the total bytes returned (in file order, the last doc cut at the cap).
       return_keys: also return the document keys.
     Returns:
@@ -264,21 +287,30 @@ def text_documents(paths: str | Sequence[str] | Mapping[str, str | Sequence[str]
             raise ValueError(f"paths: unknown split names {sorted(unknown)}; use {SPLITS}")
         if split not in paths:
             raise ValueError(f"paths has no entry for split {split!r} (it has {sorted(paths)})")
-        docs, keys = _read_docs(expand_globs(paths[split], f"paths[{split!r}]"), per_line)
+        docs, keys = _read_docs(expand_globs(paths[split], f"data.paths[{split!r}]"), per_line)
     else:
-        files = expand_globs(paths)
+        if split_by not in SPLIT_BY:
+            raise ValueError(f"data.text_split={split_by!r} is not allowed; choose one of "
+                             f"{list(SPLIT_BY)}")
+        files = expand_globs(paths, "data.paths")
         docs, keys = _read_docs(files, per_line)
-        if len(docs) < 2:
-            raise ValueError(
-                f"paths {paths!r} gave {len(docs)} document(s); a train/validation split needs at "
-                f"least 2. Use per_line=True (one document per line) or give "
-                f"{{'train': ..., 'validation': ...}} globs.")
-        is_val = assign_split(keys, validation_fraction)
-        want = split == "validation"
-        docs = [d for d, v in zip(docs, is_val) if v == want]
-        keys = [k for k, v in zip(keys, is_val) if v == want]
+        if not docs:
+            raise ValueError(f"data.paths {paths!r}: every matching file is empty "
+                             f"({len(files)} file(s))")
+        if split_by == "bytes" or (split_by == "auto" and len(docs) < 2):
+            docs, keys = _byte_split(docs, keys, split, validation_fraction)
+        else:
+            if len(docs) < 2:
+                raise ValueError(
+                    f"data.paths {paths!r} gave {len(docs)} document(s); a split by documents "
+                    f"needs at least 2: set data.text_split='bytes' (or 'auto'), "
+                    f"data.text_per_line=True, or data.paths={{'train': …, 'validation': …}}")
+            is_val = assign_split(keys, validation_fraction)
+            want = split == "validation"
+            docs = [d for d, v in zip(docs, is_val) if v == want]
+            keys = [k for k, v in zip(keys, is_val) if v == want]
     if not docs:
-        raise ValueError(f"paths {paths!r}: split {split!r} has no non-empty documents")
+        raise ValueError(f"data.paths {paths!r}: split {split!r} has no non-empty documents")
     docs = _cap(docs, max_bytes)
     keys = keys[: len(docs)]
     return (docs, keys) if return_keys else docs
@@ -329,13 +361,17 @@ def tfds_source(name: str, split: str, data_dir: str = "", *, text_key: str = ""
     import tensorflow_datasets as tfds
 
     tname, tsplit, key = resolve_tfds(name, split, text_key)
+    if data_dir and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data.tfds_data_dir {data_dir!r} does not exist (prepare the "
+                                f"dataset there first, e.g. python -m dlm_jax.data.build_tfds)")
     try:
         src = tfds.data_source(tname, split=tsplit, data_dir=data_dir or None, download=False)
     except Exception as e:  # noqa: BLE001 - re-raised with what was asked for
         raise FileNotFoundError(
             f"cannot open TFDS dataset {tname!r} split {tsplit!r} under data_dir "
-            f"{data_dir or '(default ~/tensorflow_datasets)'!r}: {type(e).__name__}: {e}. The "
-            f"dataset must be prepared as array_record (e.g. python -m dlm_jax.data.build_tfds)."
+            f"{data_dir or '(default ~/tensorflow_datasets)'!r}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''} The dataset must be prepared there as "
+            f"array_record (e.g. python -m dlm_jax.data.build_tfds)."
         ) from e
     if len(src) == 0:
         raise ValueError(f"TFDS dataset {tname!r} split {tsplit!r} is empty")

@@ -1,0 +1,229 @@
+"""Reliability: every fault is injected, not hoped about.
+
+  * kill -9 and SIGTERM at chosen moments (before, during and after an evaluation with the BD3-LM
+    clip search, during an asynchronous save), then resume: every array of the final checkpoint
+    equals the uninterrupted run's, bit for bit, and metrics.jsonl has no duplicate step;
+  * a corrupt newest checkpoint: the run falls back to the previous one and says so, keeping
+    the bad one; a failed save (the file-size limit, as on a full disk) stops the run at once
+    with one line naming the directory;
+  * a changed config on resume: shape-changing fields are one error, others one warning;
+  * bad command-line input: one `error:` line, exit code 2, nothing written.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from dlm_jax.config import ConfigError
+from dlm_jax.trainer import Trainer
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import tiny  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(REPO, "tests", "fault_run.py")
+# BD3-LM with the clip search (eval every 4) and async checkpoints every 2 steps.
+FLAGS = ["--config", "configs/tiny.py:bd3lm,block=8", "--config.diffusion.var_min=True",
+         "--config.diffusion.resample=True", "--config.diffusion.clip_search_batches=1",
+         "--config.train.steps=12", "--config.train.eval_every=4", "--config.train.ckpt_every=2",
+         "--config.train.log_every=1", "--config.train.eval_batches=1",
+         "--config.mesh.shape=(1,1,1)"]
+
+
+def _run(workdir, fault="none", *extra, expect=0):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, DRIVER, fault, *FLAGS, *extra, "--workdir",
+                          str(workdir)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    if expect is not None:
+        assert out.returncode == expect, (fault, out.returncode, out.stdout[-1500:],
+                                          out.stderr[-3000:])
+    return out
+
+
+def _final_state(workdir):
+    cfg = tiny.get_config("bd3lm,block=8")
+    cfg.diffusion.var_min = cfg.diffusion.resample = True
+    cfg.mesh.shape = (1, 1, 1)
+    trainer = Trainer(cfg, str(workdir), measure_mfu=False)
+    step, state = trainer.ckpt.restore_state_only(trainer.program.abstract_state)
+    trainer.close()
+    return step, jax.device_get(state)
+
+
+def _metric_steps(workdir):
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r["step"] for r in rows if "train/loss" in r]
+    eval_rows = [r["step"] for r in rows if "val/loss" in r]
+    return train_rows, eval_rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    _run(workdir)
+    return workdir, _final_state(workdir)
+
+
+@pytest.mark.parametrize("kind", ["kill", "term"])
+def test_interrupted_runs_resume_bit_identically(kind, uninterrupted, tmp_path):
+    """One run interrupted three times: during the step-4 evaluation (after validation, before
+    the clip search), while the step-6 checkpoint is being written, and after step 9 (after the
+    step-8 search). Each restart resumes; the end state equals the uninterrupted run's."""
+    full_dir, (full_step, full_state) = uninterrupted
+    for fault in (f"{kind}:eval:4", f"{kind}:save:6", f"{kind}:step:9"):
+        out = _run(tmp_path, fault, expect=None)
+        if kind == "kill":
+            assert out.returncode == -9, (fault, out.returncode, out.stderr[-2000:])
+        else:  # a clean stop: exit 0, one saved step, no trace
+            assert out.returncode == 0, (fault, out.stderr[-2000:])
+            assert "stopped by SIGTERM: step" in out.stdout and "Traceback" not in out.stderr
+    out = _run(tmp_path)
+    assert "resumed from step" in out.stdout
+    step, state = _final_state(tmp_path)
+    assert step == full_step == 12
+    chex.assert_trees_all_equal(state, full_state)   # params, EMA, optimizer, clip, step
+    train_steps, eval_steps = _metric_steps(tmp_path)
+    assert train_steps == list(range(1, 13)), train_steps      # no step logged twice
+    assert eval_steps == [4, 8, 12]
+    assert (train_steps, eval_steps) == _metric_steps(full_dir)
+    again = _run(tmp_path)   # a finished run says so and trains nothing
+    assert "already complete: step 12" in again.stdout
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    cfg = tiny.get_config("mdlm")
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.train.steps, cfg.train.ckpt_every, cfg.train.eval_every = 4, 2, 100
+    first = Trainer(cfg, str(tmp_path), measure_mfu=False)
+    first.run()
+    first.close()
+    ckpt4 = tmp_path / "checkpoints" / "4"
+    files = sorted((p for p in ckpt4.rglob("*") if p.is_file() and p.stat().st_size > 1000),
+                   key=lambda p: -p.stat().st_size)
+    files[0].write_bytes(files[0].read_bytes()[:100])      # truncate the largest array file
+    cfg.train.steps = 6
+    second = Trainer(cfg, str(tmp_path), measure_mfu=False)
+    summary = second.run()
+    second.close()
+    assert summary["start_step"] == 2 and summary["final_step"] == 6
+    assert second.ckpt.skipped and second.ckpt.skipped[0][0] == 4
+    assert (tmp_path / "checkpoints" / "4.unreadable").is_dir()     # kept, never deleted
+    assert {4, 6} <= set(second.ckpt.all_steps())                    # 4 saved afresh
+
+
+def test_failed_save_stops_the_run_at_once(tmp_path):
+    """A file-size limit makes every checkpoint write fail (EFBIG, as ENOSPC on a full disk)."""
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "sys.argv[1:] = " + repr(["--config", "configs/tiny.py:mdlm", "--config.train.steps=20",
+                                  "--config.train.ckpt_every=2", "--config.train.log_every=1",
+                                  "--config.train.eval_every=100", "--workdir",
+                                  str(tmp_path)]) + "; "
+        "from dlm_jax import train; from absl import app; import jax; jax.devices(); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        "app.run(lambda a: sys.exit(train.main(a)), flags_parser=train.parse_flags)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert out.returncode == 3, (out.returncode, out.stderr[-2000:])
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"saving step 2 to {tmp_path}/checkpoints failed" in errors[0]
+    logged = [int(ln.split()[1].split("/")[0]) for ln in out.stdout.splitlines()
+              if ln.startswith("step ")]
+    assert max(logged) <= 4, logged          # stopped at the failed save, not an interval later
+    assert not os.path.isdir(tmp_path / "checkpoints" / "2")
+
+
+def test_changed_config_on_resume(tmp_path, capsys):
+    cfg = tiny.get_config("mdlm")
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.train.steps, cfg.train.ckpt_every, cfg.train.eval_every = 2, 2, 100
+    Trainer(cfg, str(tmp_path), measure_mfu=False).run()
+    wider = tiny.get_config("mdlm")
+    wider.mesh.shape = (1, 1, 1)
+    wider.model.width, wider.data.markov_vocab, wider.train.steps = 96, 9, 4
+    with pytest.raises(ConfigError, match="cannot change on resume: data.markov_vocab: 8 -> 9; "
+                                          "model.width: 0 -> 96"):
+        Trainer(wider, str(tmp_path), measure_mfu=False).run()
+    faster = tiny.get_config("mdlm")
+    faster.mesh.shape = (1, 1, 1)
+    faster.optim.lr, faster.train.steps = 1e-3, 4
+    capsys.readouterr()
+    summary = Trainer(faster, str(tmp_path), measure_mfu=False).run()
+    err = capsys.readouterr().err
+    assert "warning: resuming step 2 with a changed config: optim.lr: 0.003 -> 0.001" in err
+    assert "train.steps: 2 -> 4" in err and summary["final_step"] == 4
+    old = json.load(open(tmp_path / "config.2.json"))
+    assert old["optim"]["lr"] == 0.003
+    assert json.load(open(tmp_path / "config.json"))["optim"]["lr"] == 0.001
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/tiny.py:mdlm", "--config.train.stepz=5"],
+     "config.train.stepz is not a known key (did you mean config.train.steps?)"),
+    (["--config", "configs/nope.py"], "--config configs/nope.py: no such config file"),
+    (["--config", "configs/tiny.py:bd3lm,blok=4"], "unknown option 'blok' (did you mean 'block'?)"),
+    (["--config", "configs/tiny.py:mdlm", "--config.optim.lr=inf"],
+     "config.optim.lr=inf: must be finite and > 0"),
+    (["--config", "configs/tiny.py:mdlm,source=stdlib", "--config.data.source=text",
+      "--config.data.paths=('/nonexistent/*.txt',)"], "data.paths: the glob"),
+    (["--config", "configs/tiny.py:mdlm,source=stdlib", "--config.data.tokenizer=hf",
+      "--config.data.tokenizer_path=BADTOK"], "cannot read tokenizer file"),
+    (["--config", "configs/tiny.py:mdlm,source=stdlib", "--config.data.source=tfds",
+      "--config.data.tfds_name=lm1b", "--config.data.tfds_data_dir=/nonexistent/tfds"],
+     "data.tfds_data_dir '/nonexistent/tfds' does not exist"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
+    bad_tok = tmp_path / "tok.json"
+    bad_tok.write_text("not json")
+    args = [a.replace("BADTOK", str(bad_tok)) for a in args]
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "dlm_jax.train", *args, "--workdir",
+                          str(workdir)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1, (out.returncode, out.stderr[-2000:])
+    assert message in errors[0], errors
+    assert "Traceback" not in out.stderr and not workdir.exists()
+
+
+def test_workdir_that_is_a_file_and_config_help(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "dlm_jax.train", "--config",
+                          "configs/tiny.py:mdlm", "--workdir", str(afile)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"error: --workdir {afile} exists and is not a directory" \
+        in out.stderr
+    help_out = subprocess.run([sys.executable, "-m", "dlm_jax.train", "--config_help"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert help_out.returncode == 0
+    assert "  train.steps = 1000" in help_out.stdout and "  optim.lr = 0.0003" in help_out.stdout
+
+
+def test_exploding_loss_warns_once(tmp_path, capsys):
+    cfg = tiny.get_config("ar")
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every = 8, 1, 100
+    trainer = Trainer(cfg, str(tmp_path), measure_mfu=False)
+    step_fn = trainer.train_step
+
+    def exploding(state, batch):
+        state, metrics = step_fn(state, batch)
+        if int(state.step) >= 4:
+            metrics = {**metrics, "loss": metrics["loss"] * 1e22}
+        return state, metrics
+
+    trainer.train_step = exploding
+    capsys.readouterr()
+    summary = trainer.run()
+    trainer.close()
+    err = capsys.readouterr().err
+    assert err.count("warning: the training loss grew from") == 1 and "(step 4)" in err
+    assert summary["final_step"] == 8
