@@ -21,7 +21,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file."
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False,
                                "Call jax.distributed.initialize() (TPU pods, SLURM clusters).")
-_CONFIG_HELP = flags.DEFINE_bool("config_help", False, "List every config field with its default.")
+# Handled by `cli.parse_flags` before parsing; defined so that it shows in --help.
+flags.DEFINE_bool("config_help", False, "List every config field with its default.")
 
 
 def main(argv) -> int:
@@ -54,7 +55,7 @@ def main(argv) -> int:
          f"workdir {trainer.workdir}")
     try:
         summary = trainer.run(data_iter)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:  # data, resume checks
+    except ConfigError as e:  # the resume check; anything else is a bug and keeps its trace
         fail(_message(e))
     except (NonFiniteLossError, CheckpointError) as e:
         fail(_message(e), code=3)

@@ -227,3 +227,38 @@ def test_exploding_loss_warns_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("warning: the training loss grew from") == 1 and "(step 4)" in err
     assert summary["final_step"] == 8
+
+
+def test_sigterm_to_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
+    """Two local processes (jax.distributed): SIGTERM reaches host 1 only; the hosts agree on
+    the stop step, save it together and exit 0 (no deadlock), through the launcher."""
+    import signal
+    import time
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PORT": "12391",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PY": sys.executable}
+    launcher = subprocess.Popen(
+        ["bash", "launch/local_multiprocess.sh", "2", "configs/tiny.py:mdlm", str(tmp_path),
+         "--config.train.steps=2000", "--config.train.log_every=20",
+         "--config.train.eval_every=5000", "--config.train.ckpt_every=5000",
+         "--config.train.stop_check_every=5"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in launcher.stdout:  # wait until both hosts train
+            if line.startswith("step "):
+                break
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGTERM)        # host 1 only
+        t0 = time.time()
+        rest = launcher.stdout.read()
+        rc = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert rc == 0 and time.time() - t0 < 120, rest[-2000:]
+    stopped = [ln for ln in rest.splitlines() if ln.startswith("stopped by SIGTERM: step")]
+    assert len(stopped) == 1, rest[-2000:]   # host 0 reports for both
+    step = int(stopped[0].split()[4])
+    assert step % 5 == 0 and step < 2000
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(step)]
