@@ -24,7 +24,7 @@ def evaluate_run(workdir: str, batches: int = 0) -> dict:
     from dlm_jax import registry
     from dlm_jax.checkpoint import Checkpointer
     from dlm_jax.config import Config
-    from dlm_jax.evals import build_evaluators, validation_batches
+    from dlm_jax.evals import build_evaluators, run_evaluators
     from dlm_jax.state import make_optimizer
     from dlm_jax.steps import TrainProgram
 
@@ -45,11 +45,7 @@ def evaluate_run(workdir: str, batches: int = 0) -> dict:
         ckpt.close()
     # The clip search changes training, not the likelihood: validation only.
     evaluators = build_evaluators(exp, program, batches=batches or None, clip_search=False)
-    params = state.ema_params if state.ema_params is not None else state.params
-    val = validation_batches(exp)
-    out = {"step": step}
-    for evaluator in evaluators:
-        out.update(evaluator(params, val)[0])
+    out = {"step": step, **run_evaluators(evaluators, exp, state)[0]}
     if exp.method.clip_search:
         lo, hi = (float(c) for c in jax.device_get(state.clip))
         out.update({"clip/beta_l": lo, "clip/beta_u": hi})

@@ -32,7 +32,7 @@ from dlm_jax import registry
 from dlm_jax.checkpoint import Checkpointer
 from dlm_jax.config import Config, ConfigError, config_changes
 from dlm_jax.data.pipeline import to_global
-from dlm_jax.evals import build_evaluators, validation_batches
+from dlm_jax.evals import build_evaluators, run_evaluators
 from dlm_jax.metrics import MetricsWriter, measure_peak_flops, progress_line
 from dlm_jax.state import TrainState, make_optimizer
 from dlm_jax.steps import TrainProgram
@@ -93,13 +93,7 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, state: TrainState) -> tuple[dict, TrainState]:
         """Run every evaluator on the (EMA) parameters; returns (metrics, updated state)."""
-        params = state.ema_params if state.ema_params is not None else state.params
-        batches = validation_batches(self.exp)
-        metrics, updates = {}, {}
-        for evaluator in self.evaluators:
-            m, u = evaluator(params, batches)
-            metrics.update(m)
-            updates.update(u)
+        metrics, updates = run_evaluators(self.evaluators, self.exp, state)
         if updates:
             sh = self.program.state_shardings
             state = state.replace(**{k: jax.device_put(v, getattr(sh, k))

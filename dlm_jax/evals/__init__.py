@@ -21,6 +21,19 @@ def validation_batches(exp):
     return (to_global(b, exp.batch_sharding) for b in ds)
 
 
+def run_evaluators(evaluators, exp, state) -> tuple[dict, dict]:
+    """Run `evaluators` in order on the state's EMA parameters (its parameters without EMA),
+    sharing one pass over the validation batches; returns (metrics, state updates)."""
+    params = state.ema_params if state.ema_params is not None else state.params
+    batches = validation_batches(exp)
+    metrics, updates = {}, {}
+    for evaluator in evaluators:
+        m, u = evaluator(params, batches)
+        metrics.update(m)
+        updates.update(u)
+    return metrics, updates
+
+
 def build_evaluators(exp, program, *, batches: int | None = None, clip_search: bool | None = None
                      ) -> list:
     """The evaluators a run of `exp` uses: validation, then (when `diffusion.var_min` is on and
@@ -34,4 +47,4 @@ def build_evaluators(exp, program, *, batches: int | None = None, clip_search: b
 
 
 __all__ = ["ClipSearch", "EVALUATORS", "Validation", "build_evaluators", "clip_candidates",
-           "validation_batches"]
+           "run_evaluators", "validation_batches"]
