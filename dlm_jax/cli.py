@@ -64,16 +64,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     if "--config_help" in argv[1:]:
         print(config_help())
         raise SystemExit(0)
-    for arg in argv[1:]:
+    for i, arg in enumerate(argv[1:], 1):
         if arg.startswith("--config."):
             check_override(arg[len("--config."):].split("=", 1)[0])
-        elif arg.startswith("--config="):
-            path = arg[len("--config="):].split(":", 1)[0]
-            if not os.path.isfile(path):
-                fail(f"--config {path}: no such config file")
-    for i, arg in enumerate(argv[1:-1], 1):
-        if arg == "--config" and not os.path.isfile(argv[i + 1].split(":", 1)[0]):
-            fail(f"--config {argv[i + 1].split(':', 1)[0]}: no such config file")
+            continue
+        if arg.startswith("--config="):
+            value = arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            fail(f"--config {path}: no such config file")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

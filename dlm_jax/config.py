@@ -326,7 +326,7 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -338,7 +338,7 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     def norm(v):
         return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
     a = {k: norm(v) for k, v in _flatten(old).items()}
-    b = {k: norm(v) for k, v in _flatten(json.loads(json.dumps(new, default=str))).items()}
+    b = {k: norm(v) for k, v in _flatten(new).items()}
     fixed, allowed = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):

@@ -30,7 +30,7 @@ def main(argv) -> int:
     import jax
     from dlm_jax.checkpoint import CheckpointError
     from dlm_jax.config import ConfigError
-    from dlm_jax.trainer import NonFiniteLossError, Trainer, _say
+    from dlm_jax.trainer import NonFiniteLossError, Trainer, say
 
     if _MULTIHOST.value:
         env = os.environ
@@ -49,7 +49,7 @@ def main(argv) -> int:
     except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as e:
         fail(_message(e))
     exp = trainer.exp
-    _say(f"dlm_jax: {cfg.name} | method {exp.method.name} | objective "
+    say(f"dlm_jax: {cfg.name} | method {exp.method.name} | objective "
          f"{cfg.diffusion.objective} | process {cfg.diffusion.process} | "
          f"{exp.num_params / 1e6:.2f}M params | {jax.device_count()} device(s) | "
          f"workdir {trainer.workdir}")
@@ -64,7 +64,7 @@ def main(argv) -> int:
             trainer.close()
         except CheckpointError as e:
             fail(_message(e), code=3)
-    _say(f"done: step {summary['final_step']} | checkpoint {summary['checkpoint']} | "
+    say(f"done: step {summary['final_step']} | checkpoint {summary['checkpoint']} | "
          f"metrics {summary['metrics']}")
     return 0
 

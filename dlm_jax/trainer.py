@@ -42,7 +42,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN or infinite."""
 
 
-def _say(text: str, *, err: bool = False) -> None:
+def say(text: str, *, err: bool = False) -> None:
     """A line for the user, from host 0 only."""
     if jax.process_index() == 0:
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
@@ -131,7 +131,7 @@ class Trainer:
                 f"model or data setup; these fields cannot change on resume: " + "; ".join(fixed)
                 + " (use a new --workdir)")
         if allowed:
-            _say(f"warning: resuming step {step} with a changed config: " + "; ".join(allowed)
+            say(f"warning: resuming step {step} with a changed config: " + "; ".join(allowed)
                  + f" (the previous config is kept as config.{step}.json)", err=True)
             if jax.process_index() == 0:
                 os.replace(path, os.path.join(self.workdir, f"config.{step}.json"))
@@ -152,14 +152,14 @@ class Trainer:
         state = self.restore_or_init(data_iter)
         start = int(jax.device_get(state.step))
         for bad, reason in self.ckpt.skipped:
-            _say(f"warning: checkpoint {self.ckpt.path(bad)} is unreadable ({reason}); kept as "
+            say(f"warning: checkpoint {self.ckpt.path(bad)} is unreadable ({reason}); kept as "
                  f"{self.ckpt.path(bad)}.unreadable", err=True)
         if start:
-            _say(f"resumed from step {start}: {self.ckpt.path(start)}")
+            say(f"resumed from step {start}: {self.ckpt.path(start)}")
         self.metrics.truncate_after(start)
         summary = {"start_step": start, "workdir": self.workdir}
         if start >= t.steps:
-            _say(f"already complete: step {start} of train.steps={t.steps}; nothing to train")
+            say(f"already complete: step {start} of train.steps={t.steps}; nothing to train")
             return self._finish(summary, state)
         last_good = self.ckpt.latest_step()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -199,7 +199,7 @@ class Trainer:
                     elif abs(loss) > 100 * max(abs(first_loss[1]), 1.0) and \
                             "loss_grew" not in summary:
                         summary["loss_grew"] = done
-                        _say(f"warning: the training loss grew from {first_loss[1]:.4g} (step "
+                        say(f"warning: the training loss grew from {first_loss[1]:.4g} (step "
                              f"{first_loss[0]}) to {loss:.4g} (step {done}); is optim.lr "
                              f"({cfg.optim.lr:g}) too large?", err=True)
                     row = {"train/loss": loss, "train/grad_norm": float(values["grad_norm"]),
@@ -216,7 +216,7 @@ class Trainer:
                         eta = (t.steps - done) * elapsed / window_steps
                     else:
                         eta = float("nan")
-                    _say(progress_line(done, t.steps, loss, float(values["lr"]), tok_s, mfu, eta))
+                    say(progress_line(done, t.steps, loss, float(values["lr"]), tok_s, mfu, eta))
                     self.metrics.write(done, row)
                     summary["last_logged_step"], summary["train_loss"] = done, loss
                     restart_window()
@@ -224,7 +224,7 @@ class Trainer:
                     ev, state = self.evaluate(state)
                     self.metrics.write(done, ev)
                     summary.update(ev)
-                    _say("  eval " + " | ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                    say("  eval " + " | ".join(f"{k} {v:.4g}" for k, v in ev.items()))
                     restart_window()
                 saved = False
                 if done % t.ckpt_every == 0 or done == t.steps:
@@ -238,7 +238,7 @@ class Trainer:
                     if not saved:
                         self.ckpt.save(done, state, data_iter, force=True)
                     summary["preempted_at"] = done
-                    _say(f"stopped by SIGTERM: step {done} saved to {self.ckpt.path(done)}")
+                    say(f"stopped by SIGTERM: step {done} saved to {self.ckpt.path(done)}")
                     break
         finally:
             signal.signal(signal.SIGTERM, previous)
