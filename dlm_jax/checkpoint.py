@@ -1,7 +1,8 @@
 """Checkpoints: the only module that imports orbax.
 
-Saves the train state and the grain data iterator together, so a restarted run resumes at the
-exact step and the exact next batch. Saves are asynchronous and atomic (orbax commits a step
+Saves the train state and the data position together, so a restarted run resumes at the
+exact step and the exact next batch. The data position is global (every host's iterator state
+merged, written once as JSON by host 0), so a checkpoint restores onto any number of hosts. Saves are asynchronous and atomic (orbax commits a step
 directory only once it is complete) and the newest `keep` steps are preserved, so no run loses a
 checkpoint it already wrote. Restoring onto a different mesh works: pass an abstract state whose
 leaves carry the new shardings.
@@ -13,11 +14,12 @@ at the save itself or, for an asynchronous save, at the next `check()`.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -64,7 +66,7 @@ class Checkpointer:
             self.wait()
         args = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            args["data"] = ocp.args.JsonSave(global_data_state(data_iter))
         try:
             saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
         except Exception as e:  # noqa: BLE001 - re-raised with the step and the directory
@@ -80,30 +82,41 @@ class Checkpointer:
         if self._pending is not None and not self._mngr.is_saving_in_progress():
             self.wait()
 
-    def _restore(self, step: int, abstract_state: Any, data_iter):
+    def _restore(self, step: int, abstract_state: Any, data: bool):
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self._mngr.restore(step, args=ocp.args.Composite(**args)).state
+        if data:
+            args["data"] = ocp.args.JsonRestore()
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        return restored.state, restored.data if data else None
 
     def restore(self, abstract_state: Any, data_iter=None, step: int | None = None):
         """Restore `step` (default: the newest restorable) into `abstract_state`'s layout.
 
-        `data_iter`, if given, is moved to the saved position in place. Without `step`, an
-        unreadable checkpoint is renamed `<step>.unreadable`, recorded in `skipped` and logged,
-        and the next older one is tried. Returns (step, state).
+        `data_iter`, if given, is moved to the saved position in place (its `set_state` raises
+        ValueError when the position does not fit the pipeline, e.g. other data streams; that is
+        not a fallback). Without `step`, an unreadable checkpoint is renamed `<step>.unreadable`,
+        recorded in `skipped` and logged, and the next older one is tried. Returns (step, state).
         """
+        with_data = data_iter is not None
+        found = None
         if step is not None:
-            return step, self._restore(step, abstract_state, data_iter)
-        for candidate in sorted(self.all_steps(), reverse=True):
-            try:
-                return candidate, self._restore(candidate, abstract_state, data_iter)
-            except Exception as e:  # noqa: BLE001 - any failure: fall back to an older step
-                reason = _first_line(e)
-                self.skipped.append((candidate, reason))
-                self._set_aside(candidate)
-                logging.warning("checkpoint %s is unreadable (%s); trying an older one",
-                                self.path(candidate), reason)
+            found = step, *self._restore(step, abstract_state, with_data)
+        else:
+            for candidate in sorted(self.all_steps(), reverse=True):
+                try:
+                    found = candidate, *self._restore(candidate, abstract_state, with_data)
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure: fall back to an older step
+                    reason = _first_line(e)
+                    self.skipped.append((candidate, reason))
+                    self._set_aside(candidate)
+                    logging.warning("checkpoint %s is unreadable (%s); trying an older one",
+                                    self.path(candidate), reason)
+        if found is not None:
+            step, state, data_state = found
+            if with_data:
+                data_iter.set_state(data_state)
+            return step, state
         if self.skipped:
             raise CheckpointError(f"no checkpoint in {self.directory} could be restored: "
                                   + "; ".join(f"step {s}: {r}" for s, r in self.skipped))
@@ -148,6 +161,22 @@ class Checkpointer:
             self.wait()
         finally:
             self._mngr.close()
+
+
+def global_data_state(data_iter) -> dict:
+    """The data position over all hosts: each host's `get_state()`, merged by
+    `data.pipeline.merge_states` (a collective when there are several hosts)."""
+    from dlm_jax.data.pipeline import merge_states
+    local = data_iter.get_state()
+    if jax.process_count() == 1:
+        return merge_states([local]) if "streams" in local else local
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.int32(raw.size))))
+    padded = np.zeros(size, np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return merge_states([json.loads(bytes(r).rstrip(b"\0")) for r in rows])
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

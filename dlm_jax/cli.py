@@ -84,3 +84,44 @@ def parse_flags(argv: list[str]) -> list[str]:
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
         fail(str(cause).strip().splitlines()[0] if str(cause).strip() else str(e))
+
+
+class _BackgroundErrorFilter:
+    """Drops the error records of orbax's writer threads and of asyncio (a failed asynchronous
+    save logs every failed write with its traceback); counted, so the CLI can say how many."""
+
+    def __init__(self):
+        self.dropped = 0
+
+    def filter(self, record) -> bool:
+        import logging
+        background = record.name == "asyncio" or f"{os.sep}orbax{os.sep}" in record.pathname
+        if background and record.levelno >= logging.ERROR:
+            self.dropped += 1
+            return False
+        return True
+
+
+def quiet_background_errors() -> _BackgroundErrorFilter:
+    """Keep a failed asynchronous checkpoint save to the one `error:` line of the run's own
+    `CheckpointError` (which names the step and directory and chains the first cause).
+
+    Without this, orbax's threads and asyncio log each failed array write with a traceback, and
+    tensorstore callbacks that fire after orbax closed its event loop print `Event loop is
+    closed` tracebacks as unraisable exceptions: hundreds of lines for one full disk. Records
+    and exceptions of any other origin pass through unchanged. Returns the filter (its
+    `dropped` count)."""
+    from absl import logging as absl_logging
+    errors = _BackgroundErrorFilter()
+    absl_logging.get_absl_handler().addFilter(errors)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            errors.dropped += 1
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    return errors

@@ -39,6 +39,8 @@ class DataConfig:
     seq_len: int = 128
     mode: str = "wrap"              # wrap | pack
     pack_bins: int = 16             # pack: open bins of the streaming first-fit packer
+    streams: int = 0                # tfds: record streams (0: the largest divisor of the
+                                    # batch up to 16); a multiple of the host count
     max_bytes: int = 0              # cap on the corpus read (0: no cap)
     markov_order: int = 2
     markov_vocab: int = 8

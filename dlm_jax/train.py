@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dlm_jax.cli import fail, parse_flags
+from dlm_jax.cli import fail, parse_flags, quiet_background_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
                                           lock_config=False)
@@ -40,6 +40,7 @@ def main(argv) -> int:
         else:  # TPU pods and SLURM: discovered from the environment
             jax.distributed.initialize()
     logging.set_verbosity(logging.WARNING)
+    quiet_background_errors()
     cfg = _CONFIG.value
     if cfg is None or _WORKDIR.value is None:
         fail("--config and --workdir are required (--config_help lists the config fields)")

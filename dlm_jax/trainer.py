@@ -81,7 +81,10 @@ class Trainer:
         fresh one."""
         if self.ckpt.latest_step() is None:
             return self.init_state()
-        step, state = self.ckpt.restore(self.program.abstract_state, data_iter)
+        try:
+            step, state = self.ckpt.restore(self.program.abstract_state, data_iter)
+        except ValueError as e:  # the saved data position does not fit this data config
+            raise ConfigError(f"cannot resume the data of {self.ckpt.directory}: {e}") from e
         logging.info("restored step %d from %s", step, self.ckpt.directory)
         return state
 

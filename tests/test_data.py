@@ -11,6 +11,7 @@ import pytest
 from dlm_jax.config import DataConfig
 from dlm_jax.data import build_tfds, pipeline, sources, tokenizers
 from dlm_jax.data import make_dataset, make_tokenizer
+from dlm_jax.data.pipeline import merge_states, stream_count
 
 # ------------------------------------------------------------------------------------------
 # Helpers
@@ -300,7 +301,7 @@ def test_tfds_build_and_read_back(tmp_path):
     assert texts == got["train"]
     # wrap through ConcatThenSplit: the token stream is the records with EOS, in record order.
     ds = make_dataset(DataConfig(source="tfds", seq_len=32, tfds_name="tiny_text",
-                                 tfds_data_dir=str(out)),
+                                 tfds_data_dir=str(out), streams=1),
                       split="train", global_batch=2, tokenizer=tok, shuffle=False, repeat=False)
     stream = np.concatenate([b["tokens"].reshape(-1) for b in _all_batches(ds)])
     records = [srcs["train"][i]["text"] for i in range(len(srcs["train"]))]
@@ -357,9 +358,8 @@ def test_iterator_state_roundtrip_tfds(tiny_tfds, mode):
         split="train", global_batch=3), n=9, m=12)
 
 
-def test_iterator_orbax_checkpoint(tmp_path):
-    import grain
-    import orbax.checkpoint as ocp
+def test_iterator_position_in_a_checkpoint(tmp_path):
+    from dlm_jax.checkpoint import Checkpointer
 
     def make():
         return make_dataset(DataConfig(source="markov", seq_len=32, markov_num_tokens=32 * 64,
@@ -368,44 +368,98 @@ def test_iterator_orbax_checkpoint(tmp_path):
     it = iter(make())
     for _ in range(3):
         next(it)
-    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
-    mngr.save(3, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-    want = next(it)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(3, {"x": np.zeros(2, np.float32)}, it)
+    ckpt.wait()
+    want = [next(it)["tokens"] for _ in range(2)]
     fresh = iter(make())
-    mngr.restore(3, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(fresh)))
-    np.testing.assert_array_equal(next(fresh)["tokens"], want["tokens"])
+    step, _ = ckpt.restore({"x": np.zeros(2, np.float32)}, fresh)
+    assert step == 3
+    for w in want:
+        np.testing.assert_array_equal(next(fresh)["tokens"], w)
+    with open(tmp_path / "ckpt" / "3" / "data" / "metadata") as f:
+        assert json.load(f) == {"streams": {"all": {"next_index": 3}}}  # one global position
+    # a position that does not fit the pipeline is an error, not an unreadable checkpoint.
+    other = pipeline.HostBatchIterator({"0-of-2": None, "1-of-2": None})
+    with pytest.raises(ValueError, match=r"saved data position has streams \['all'\]"):
+        ckpt.restore({"x": np.zeros(2, np.float32)}, other)
+    assert ckpt.all_steps() == [3] and not ckpt.skipped
+    ckpt.close()
 
 
-def test_host_sharding_disjoint(tmp_path, tiny_tfds):
-    _write_text_files(str(tmp_path), n_files=6, lines_per_file=6)
-    glob = str(tmp_path / "*.txt")
-    text = DataConfig(source="text", seq_len=64, mode="pack", paths=(glob,), text_per_line=True)
-    common = dict(split="train", global_batch=2, shuffle=False, repeat=False)
-    per_host = [{s for b in _all_batches(make_dataset(
-        text, process_index=i, process_count=2, **common)) for s in _segments(b)}
-        for i in range(2)]
-    alone = {s for b in _all_batches(make_dataset(text, **{**common, "global_batch": 1}))
-             for s in _segments(b)}
-    assert per_host[0] and per_host[1] and not per_host[0] & per_host[1]
-    assert per_host[0] | per_host[1] == alone  # lines are shorter than seq_len: one piece each
-    assert all(b["tokens"].shape == (1, 64) for b in _all_batches(make_dataset(
-        text, process_index=1, process_count=2, **common)))
-    tfds_data = DataConfig(source="tfds", seq_len=64, mode="pack", tfds_name="state_text",
-                           tfds_data_dir=tiny_tfds)
-    tfds_hosts = [{s for b in _all_batches(make_dataset(
-        tfds_data, process_index=i, process_count=2, **common)) for s in _segments(b)}
-        for i in range(2)]
-    assert tfds_hosts[0] and tfds_hosts[1] and not tfds_hosts[0] & tfds_hosts[1]
-    markov = DataConfig(source="markov", seq_len=32, markov_num_tokens=32 * 40)
-    markov_hosts = [{tuple(r) for b in _all_batches(make_dataset(
-        markov, split="train", global_batch=4, repeat=False, shuffle=False, process_index=i,
-        process_count=2)) for r in b["tokens"]} for i in range(2)]
-    assert len(markov_hosts[0]) == len(markov_hosts[1]) == 20
-    assert not markov_hosts[0] & markov_hosts[1]
+def _global_batches(data, hosts, n, *, state=None, **kw):
+    """n global batches assembled from `hosts` pipelines (optionally starting at `state`);
+    returns (batches, merged state after them)."""
+    its = [iter(make_dataset(data, process_index=i, process_count=hosts, **kw))
+           for i in range(hosts)]
+    if state is not None:
+        for it in its:
+            it.set_state(state)
+    out = [{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+           for parts in (tuple(next(it) for it in its) for _ in range(n))]
+    return out, merge_states([it.get_state() for it in its])
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.mark.parametrize("kind", ["text-pack", "stdlib-wrap", "markov", "tfds-wrap",
+                                  "tfds-pack"])
+def test_global_batches_do_not_depend_on_the_host_count(kind, tmp_path, tiny_tfds):
+    """1, 2 and 4 hosts see the same global batches, and a position saved on any host count
+    resumes on any other at the exact next global batch."""
+    if kind == "text-pack":
+        _write_text_files(str(tmp_path), n_files=6, lines_per_file=6)
+        data = DataConfig(source="text", seq_len=64, mode="pack", text_per_line=True,
+                          paths=(str(tmp_path / "*.txt"),))
+    elif kind == "stdlib-wrap":
+        data = DataConfig(source="stdlib", seq_len=64, max_bytes=20_000)
+    elif kind == "markov":
+        data = DataConfig(source="markov", seq_len=32, markov_num_tokens=32 * 40)
+    else:
+        data = DataConfig(source="tfds", seq_len=48, mode=kind.split("-")[1],
+                          tfds_name="state_text", tfds_data_dir=tiny_tfds, pack_bins=4)
+    kw = dict(split="train", global_batch=4)
+    data = dataclasses.replace(data, seed=3)
+    alone, _ = _global_batches(data, 1, 10, **kw)
+    for hosts in (2, 4):
+        together, _ = _global_batches(data, hosts, 10, **kw)
+        _assert_same_batches(together, alone)
+    # save on 2 hosts after 4 batches, resume on 1 and on 4; save on 1, resume on 2.
+    _, two_host_state = _global_batches(data, 2, 4, **kw)
+    for hosts in (1, 4):
+        rest, _ = _global_batches(data, hosts, 6, state=two_host_state, **kw)
+        _assert_same_batches(rest, alone[4:])
+    _, one_host_state = _global_batches(data, 1, 7, **kw)
+    rest, _ = _global_batches(data, 2, 3, state=one_host_state, **kw)
+    _assert_same_batches(rest, alone[7:])
+    json.dumps(two_host_state)
+    # rows shard batches: host i gets rows [i*B/n, (i+1)*B/n) of the same global batch.
+    host_one = next(iter(make_dataset(data, process_index=1, process_count=2, **kw)))
+    np.testing.assert_array_equal(host_one["tokens"], alone[0]["tokens"][2:])
+
+
+def test_host_and_stream_count_errors(tiny_tfds):
     with pytest.raises(ValueError, match="multiple of process_count"):
         make_dataset(DataConfig(source="markov", seq_len=8), split="train", global_batch=3,
                      process_count=2)
+    tfds_data = DataConfig(source="tfds", seq_len=48, tfds_name="state_text",
+                           tfds_data_dir=tiny_tfds)
+    assert [stream_count(0, b) for b in (1, 4, 6, 12, 32, 48, 7 * 17)] == [1, 4, 6, 12, 16, 16, 7]
+    with pytest.raises(ValueError, match=r"data.streams=3 must divide the batch size 4"):
+        make_dataset(dataclasses.replace(tfds_data, streams=3), split="train", global_batch=4)
+    with pytest.raises(ValueError, match=r"data.streams=2 .*multiple of the process count 4"):
+        make_dataset(dataclasses.replace(tfds_data, streams=2), split="train", global_batch=8,
+                     process_count=4)
+    four = iter(make_dataset(tfds_data, split="train", global_batch=4))
+    two = iter(make_dataset(tfds_data, split="train", global_batch=2))
+    with pytest.raises(ValueError, match=r"saved data position has streams \['0-of-4'"):
+        two.set_state(four.get_state())
 
 
 def test_shuffle_and_repeat_stdlib():
@@ -425,7 +479,7 @@ def test_shuffle_and_repeat_stdlib():
     other_seed = next(iter(make_dataset(dataclasses.replace(data, seed=1), **kw)))["tokens"]
     assert not np.array_equal(other_seed, epoch1[:8])
     assert pipeline.dataset_vocab_size("stdlib") == 258
-    with pytest.raises(ValueError, match="fewer than one local batch"):
+    with pytest.raises(ValueError, match="fewer than one batch of 64"):
         make_dataset(DataConfig(source="stdlib", seq_len=128, max_bytes=1000),
                      split="validation", global_batch=64)
 

@@ -12,26 +12,34 @@ Two layouts (``mode``):
 
 Two ways to get there:
 
-* in memory (``stdlib``, ``text``, ``markov``): the host's documents are tokenized once up front
+* in memory (``stdlib``, ``text``, ``markov``): the documents are tokenized once up front
   (in numpy; the byte tokenizer is a ``frombuffer``), laid out as an (N, L) array, then served by
   ``MapDataset.source(rows).shuffle(seed).repeat().batch(B)`` — fast to start (about a second
   for a few MB) and cheap per step.
-* streaming (``tfds``): ``MapDataset.source(array_record)[host::hosts].shuffle(seed).repeat()``
-  → per-record tokenization on reader threads → ``ConcatThenSplitIterDataset`` (wrap) or
-  ``FirstFitPackIterDataset`` (pack) → ``batch``.
+* streaming (``tfds``): for each of ``data.streams`` record streams,
+  ``MapDataset.source(array_record)[k::streams].shuffle(seed_k).repeat()`` → per-record
+  tokenization on reader threads → ``ConcatThenSplitIterDataset`` (wrap) or
+  ``FirstFitPackIterDataset`` (pack) → ``batch(B // streams)``.
 
-Either way the result is a ``grain.IterDataset``; ``iter(ds)`` is a checkpointable
-``DatasetIterator`` (``get_state()``/``set_state()``, or orbax
-``grain.checkpoint.CheckpointSave``/``CheckpointRestore``) that resumes at the exact next batch.
+Either way the result is a :class:`HostBatches`; ``iter(ds)`` is a checkpointable iterator
+(``get_state()``/``set_state()``, plain JSON) that resumes at the exact next batch.
 
 All settings come from the data config section (:class:`dlm_jax.config.DataConfig`):
 ``make_dataset(cfg.data, split=..., global_batch=..., tokenizer=...)``.
 
-Multi-host: every host calls :func:`make_dataset` with its ``process_index``/``process_count``
-and gets ``global_batch // process_count`` rows per batch from its own disjoint share of the
-documents (records for TFDS, whole sequences for Markov). :func:`to_global` assembles the global
-``jax.Array``. With ``repeat=False`` hosts can yield different numbers of batches; multi-host
-evaluation should use ``repeat=True`` and a fixed number of steps.
+Multi-host: the global batches are a function of the data config, the seed and the global
+batch size alone, never of the number of hosts. Every host calls :func:`make_dataset` with its
+``process_index``/``process_count`` and gets its ``global_batch // process_count`` consecutive
+rows of each global batch; :func:`to_global` assembles the global ``jax.Array``. In-memory sources
+lay out all the data on every host (they are small) and slice each global batch. TFDS splits its
+records into ``data.streams`` fixed streams (record ``k::streams``), each shuffled, tokenized and
+packed on its own and contributing ``global_batch // streams`` rows to every batch; each host
+runs only its own streams, so hosts share the tokenization work.
+
+The iterator position is ``{"streams": {name: grain state}}``; the states of all hosts merged
+(:func:`merge_states`) are one global position, which a pipeline on any number of hosts accepts
+(``set_state`` takes the streams it runs). This is what the trainer checkpoints, so a run
+resumes at the exact next global batch on another host count.
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ __all__ = [
     "wrap_documents",
     "pack_documents",
     "to_global",
+    "merge_states",
+    "stream_count",
+    "HostBatches",
 ]
 
 SOURCES = ("stdlib", "text", "tfds", "markov")
@@ -253,8 +264,8 @@ def dataset_vocab_size(source: str, tokenizer: Tokenizer | None = None, *,
     return int(tokenizer.vocab_size)
 
 
-def _local_documents(source: str, split: str, *, paths, max_bytes, text_per_line,
-                     validation_fraction, split_by, process_index, process_count) -> list[bytes]:
+def _documents(source: str, split: str, *, paths, max_bytes, text_per_line,
+               validation_fraction, split_by) -> list[bytes]:
     if source == "stdlib":
         docs = sources_lib.stdlib_documents(split, max_bytes=max_bytes,
                                             validation_fraction=validation_fraction)
@@ -265,11 +276,9 @@ def _local_documents(source: str, split: str, *, paths, max_bytes, text_per_line
         docs = sources_lib.text_documents(paths, split, per_line=text_per_line,
                                           validation_fraction=validation_fraction,
                                           max_bytes=max_bytes, split_by=split_by)
-    local = docs[process_index::process_count]
-    if not local:
-        raise ValueError(f"source={source!r} split={split!r} has {len(docs)} documents, none for "
-                         f"process_index={process_index} of process_count={process_count}")
-    return local
+    if not docs:
+        raise ValueError(f"source={source!r} split={split!r} has no documents")
+    return docs
 
 
 def _tokenize_all(tokenizer: Tokenizer, docs: list[bytes]) -> list[np.ndarray]:
@@ -280,7 +289,7 @@ def _tokenize_all(tokenizer: Tokenizer, docs: list[bytes]) -> list[np.ndarray]:
 
 def make_dataset(data: DataConfig, *, split: str, global_batch: int,
                  tokenizer: Tokenizer | None = None, shuffle: bool = True, repeat: bool = True,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                 process_index: int = 0, process_count: int = 1) -> "HostBatches":
     """Build the host-local input pipeline for one split of the data config section.
 
     What is read and how it is laid out comes from the fields of ``data`` (a
@@ -292,16 +301,17 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
       chain, no tokenizer).
     * ``seq_len`` (L, tokens per row), ``mode`` ("wrap": concatenate and chunk; "pack":
       first-fit packing with segment ids), ``seed`` (shuffle seed; per-epoch reshuffling is
-      derived from it), ``pack_bins`` (packing bins for streaming "pack" mode).
+      derived from it), ``pack_bins`` (packing bins for streaming "pack" mode), ``streams``
+      (TFDS record streams, see :func:`stream_count`).
     * "text": ``paths`` (a glob, a tuple/list of globs or ``{"train": ..., "validation": ...}``,
       see :func:`sources.text_documents`) and ``text_per_line`` (one document per line instead
-      of per file); "stdlib"/"text": ``max_bytes`` (cap on the bytes read before host sharding;
+      of per file); "stdlib"/"text": ``max_bytes`` (cap on the bytes read;
       0 = no cap) and ``validation_fraction`` (share of documents in validation).
     * ``add_bos`` / ``add_eos``: put ``tokenizer.bos_id`` before / ``eos_id`` after every
       document.
     * "markov": ``markov_order`` / ``markov_vocab`` / ``markov_seed`` /
       ``markov_concentration`` (the chain, see :func:`markov_chain`) and ``markov_num_tokens``
-      (tokens generated for this split, over all hosts).
+      (tokens generated for this split).
     * ``num_threads`` / ``prefetch``: reader threads and prefetch buffer (``grain.ReadOptions``);
       threads, not processes, as grain worker processes are slower on small CPUs.
 
@@ -316,10 +326,10 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
       tokenizer: a :class:`~dlm_jax.data.tokenizers.Tokenizer`; None = byte tokenizer. Ignored
         by "markov".
       shuffle / repeat: shuffle rows (records for TFDS); repeat forever (False = one pass).
-      process_index / process_count: this host and the number of hosts; hosts read disjoint
-        shares (documents ``i::n``; TFDS records ``i::n``; Markov rows ``i::n``).
+      process_index / process_count: this host and the number of hosts; host i gets rows
+        ``[i * B/n, (i + 1) * B/n)`` of every global batch, which do not depend on n.
     Returns:
-      a ``grain.IterDataset``; iterating gives dicts of int32 numpy arrays of shape
+      a :class:`HostBatches`; iterating gives dicts of int32 numpy arrays of shape
       (global_batch // process_count, data.seq_len): ``{"tokens"}`` for wrap, ``{"tokens",
       "segment_ids", "positions"}`` for pack (segment ids 1.. per piece and 0 on padding,
       positions restarting at 0 for every piece). ``iter(ds)`` supports
@@ -327,8 +337,8 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
     Raises:
       ValueError: an unknown source / mode / split, ``seq_len < 1``, a negative ``max_bytes``,
         a bad ``process_index``/``process_count``, a ``global_batch`` that is not a positive
-        multiple of ``process_count``, ``source="text"`` without ``paths``, or too little data
-        for one local batch.
+        multiple of ``process_count``, ``source="text"`` without ``paths``, a ``data.streams``
+        that does not fit the batch and host count, or too little data for one batch.
     """
     source, mode, seq_len = data.source, data.mode, data.seq_len
     if source not in SOURCES:
@@ -359,34 +369,35 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
     read_options = grain.ReadOptions(num_threads=data.num_threads,
                                      prefetch_buffer_size=data.prefetch)
 
+    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
     if source == "tfds":
-        return _streaming_dataset(
+        streams = stream_count(data.streams, global_batch, process_count)
+        mine = range(process_index * streams // process_count,
+                     (process_index + 1) * streams // process_count)
+        threads = max(1, -(-data.num_threads // len(mine)))
+        stream_options = grain.ReadOptions(num_threads=threads,
+                                           prefetch_buffer_size=data.prefetch)
+        return HostBatches({f"{k}-of-{streams}": _record_stream(
             tfds_name=data.tfds_name, tfds_data_dir=data.tfds_data_dir, split=split,
             text_key=data.text_key, tokenizer=tokenizer, mode=mode, seq_len=seq_len,
-            local_batch=local_batch, seed=seed, shuffle=shuffle, repeat=repeat,
-            process_index=process_index, process_count=process_count, bos_id=bos_id,
-            eos_id=eos_id, pad_id=pad_id, pack_bins=data.pack_bins, read_options=read_options)
+            batch=global_batch // streams, seed=seed, shuffle=shuffle, repeat=repeat,
+            stream=k, streams=streams, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+            pack_bins=data.pack_bins, read_options=stream_options) for k in mine})
 
     if source == "markov":
         chain = markov_chain(data.markov_vocab, data.markov_order, data.markov_seed,
                              data.markov_concentration)
-        num_rows = data.markov_num_tokens // seq_len
-        if num_rows < process_count:
-            raise ValueError(f"markov_num_tokens={data.markov_num_tokens} gives {num_rows} rows "
-                             f"of seq_len={seq_len}, fewer than process_count={process_count}")
-        rows = chain.sample(num_rows, seq_len, _derive_seed("markov", data.markov_seed, split))
-        rows = rows[process_index::process_count]
-        arrays = {"tokens": rows}
+        tokens = chain.sample(data.markov_num_tokens // seq_len, seq_len,
+                              _derive_seed("markov", data.markov_seed, split))
+        arrays = {"tokens": tokens}
         if mode == "pack":
-            arrays["segment_ids"] = np.ones_like(rows)
+            arrays["segment_ids"] = np.ones_like(tokens)
             arrays["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                                  rows.shape).copy()
+                                                  tokens.shape).copy()
     else:
-        docs = _local_documents(source, split, paths=data.paths, max_bytes=max_bytes,
-                                split_by=data.text_split,
-                                text_per_line=data.text_per_line,
-                                validation_fraction=data.validation_fraction,
-                                process_index=process_index, process_count=process_count)
+        docs = _documents(source, split, paths=data.paths, max_bytes=max_bytes,
+                          split_by=data.text_split, text_per_line=data.text_per_line,
+                          validation_fraction=data.validation_fraction)
         token_docs = _tokenize_all(tokenizer, docs)
         if mode == "wrap":
             arrays = {"tokens": wrap_documents(token_docs, seq_len, bos_id=bos_id, eos_id=eos_id)}
@@ -394,31 +405,51 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
             arrays = pack_documents(token_docs, seq_len, bos_id=bos_id, eos_id=eos_id,
                                     pad_id=pad_id)
     num_rows = len(arrays["tokens"])
-    if num_rows < local_batch:
+    if num_rows < global_batch:
         raise ValueError(
-            f"source={source!r} split={split!r}: this host has {num_rows} sequences of "
-            f"seq_len={seq_len}, fewer than one local batch of {local_batch} "
-            f"(global_batch={global_batch}, process_count={process_count}); raise max_bytes / "
-            f"markov_num_tokens or lower seq_len / global_batch")
+            f"source={source!r} split={split!r} has {num_rows} sequences of seq_len={seq_len}, "
+            f"fewer than one batch of {global_batch}; raise max_bytes / markov_num_tokens or "
+            f"lower seq_len / the batch size")
     ds = grain.MapDataset.source(_RowSource(arrays))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    return ds.to_iter_dataset(read_options)
+    ds = ds.batch(global_batch, drop_remainder=True)
+    if process_count > 1:
+        ds = ds.map(lambda batch: {k: v[rows] for k, v in batch.items()})
+    # One stream, the same on every host: each host keeps its rows of every global batch.
+    return HostBatches({"all": ds.to_iter_dataset(read_options)})
 
 
-def _streaming_dataset(*, tfds_name, tfds_data_dir, split, text_key, tokenizer, mode, seq_len,
-                       local_batch, seed, shuffle, repeat, process_index, process_count, bos_id,
-                       eos_id, pad_id, pack_bins, read_options) -> grain.IterDataset:
+def stream_count(streams: int, global_batch: int, process_count: int = 1) -> int:
+    """The number of TFDS record streams: ``streams``, or for 0 the largest divisor of
+    ``global_batch`` up to 16 (a function of the batch alone, so the data order does not depend
+    on the host count). It must divide ``global_batch`` and be a multiple of ``process_count``.
+    """
+    if streams < 0:
+        raise ValueError(f"data.streams must be >= 0 (0: automatic), got {streams}")
+    n = streams or max(d for d in range(1, min(16, global_batch) + 1) if global_batch % d == 0)
+    if global_batch % n or n % process_count:
+        raise ValueError(
+            f"data.streams={n}{' (automatic)' if not streams else ''} must divide the batch "
+            f"size {global_batch} and be a multiple of the process count {process_count}; set "
+            f"data.streams to a multiple of every host count the run will use")
+    return n
+
+
+def _record_stream(*, tfds_name, tfds_data_dir, split, text_key, tokenizer, mode, seq_len, batch,
+                   seed, shuffle, repeat, stream, streams, bos_id, eos_id, pad_id, pack_bins,
+                   read_options) -> grain.IterDataset:
+    """Records ``stream::streams`` → shuffled, tokenized, wrapped or packed rows in batches."""
     src, key = sources_lib.tfds_source(tfds_name, split, tfds_data_dir, text_key=text_key)
-    if len(src) < process_count:
+    if len(src) < streams:
         raise ValueError(f"TFDS {tfds_name!r} split {split!r} has {len(src)} records, fewer than "
-                         f"process_count={process_count}")
-    ds = grain.MapDataset.source(src)[process_index::process_count]
+                         f"data.streams={streams}")
+    stream_seed = _derive_seed("stream", seed, stream) if streams > 1 else seed
+    ds = grain.MapDataset.source(src)[stream::streams]
     if shuffle:
-        ds = ds.shuffle(seed=seed)
+        ds = ds.shuffle(seed=stream_seed)
     if repeat:
         ds = ds.repeat(None)
     ds = ds.map(_EncodeRecord(tokenizer, key, bos_id, eos_id))
@@ -430,10 +461,67 @@ def _streaming_dataset(*, tfds_name, tfds_data_dir, split, text_key, tokenizer, 
     else:
         it = grain.experimental.FlatMapIterDataset(it, _SplitLong(seq_len))
         it = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct=length, num_packing_bins=pack_bins, seed=seed,
+            it, length_struct=length, num_packing_bins=pack_bins, seed=stream_seed,
             shuffle_bins=shuffle, padding_struct={"tokens": pad_id})
         it = it.map(_pack_output)
-    return it.batch(local_batch, drop_remainder=True)
+    return it.batch(batch, drop_remainder=True)
+
+
+class HostBatches:
+    """This host's rows of every global batch, drawn from named grain streams.
+
+    Iterating concatenates one batch of each stream (in name order as given); ``iter()`` gives a
+    :class:`HostBatchIterator`, whose position is ``{"streams": {name: grain state}}``.
+    """
+
+    def __init__(self, streams: Mapping[str, grain.IterDataset]):
+        self.streams = dict(streams)
+
+    def __iter__(self) -> "HostBatchIterator":
+        return HostBatchIterator({k: iter(ds) for k, ds in self.streams.items()})
+
+
+class HostBatchIterator:
+    """Checkpointable iterator over :class:`HostBatches` (``get_state``/``set_state``)."""
+
+    def __init__(self, iterators: Mapping[str, Any]):
+        self._its = dict(iterators)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self._its.values()]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        """This host's position: ``{"streams": {name: state}}`` (plain JSON)."""
+        return {"streams": {k: it.get_state() for k, it in self._its.items()}}
+
+    def set_state(self, state: Mapping) -> None:
+        """Move to ``state``: this host's or a merged global position (any host count)."""
+        saved = state.get("streams", {}) if isinstance(state, Mapping) else {}
+        missing = sorted(set(self._its) - set(saved))
+        if missing:
+            raise ValueError(
+                f"the saved data position has streams {sorted(saved)}, this pipeline reads "
+                f"{sorted(self._its)} (data.streams, data.source or the batch size changed?)")
+        for k, it in self._its.items():
+            it.set_state(saved[k])
+
+
+def merge_states(states: Sequence[Mapping]) -> dict:
+    """One global data position from every host's ``get_state()`` (hosts hold disjoint streams,
+    or the same one at the same position)."""
+    merged: dict = {}
+    for state in states:
+        for k, v in state["streams"].items():
+            if merged.setdefault(k, v) != v:
+                raise ValueError(f"hosts disagree on the position of data stream {k!r}: "
+                                 f"{merged[k]} vs {v}")
+    return {"streams": merged}
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
