@@ -150,6 +150,26 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class SamplingConfig:
+    sampler: str = "auto"           # auto (the family's default) | ar | ancestral | first_hitting
+                                    # | the samplers of dlm_jax.samplers.SAMPLERS
+    steps: int = 0                  # denoising steps (per block with blocks); 0: the block length
+    length: int = 0                 # tokens per sample; 0: data.seq_len
+    num_samples: int = 8
+    batch_size: int = 8             # samples generated together
+    temperature: float = 1.0
+    top_k: int = 0                  # 0: off
+    top_p: float = 1.0              # nucleus (1: off)
+    kv_cache: bool = True           # BD3-LM / AR: cache the clean prefix
+    skip_unchanged: bool = True     # reuse p_θ while a step changes nothing (only without time
+                                    # conditioning, where that is exact)
+    stop_at_eos: bool = False       # variable length: cut each sample after its first EOS
+    stop_entropy: float = 0.0       # variable length: stop when the last 256 tokens' entropy
+                                    # (nats) falls below this (0: off)
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class Config:
     name: str = "run"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -158,6 +178,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -274,6 +295,15 @@ def validate(cfg: Config) -> Config:
     _check(list(mesh.shape).count(-1) <= 1, "mesh.shape", mesh.shape, "at most one -1")
     _check(all(s == -1 or s >= 1 for s in mesh.shape), "mesh.shape", mesh.shape,
            "sizes must be >= 1 or -1")
+
+    sm = cfg.sampling
+    for key in ("steps", "length", "top_k"):
+        _check(getattr(sm, key) >= 0, f"sampling.{key}", getattr(sm, key), "must be >= 0 (0: auto/off)")
+    for key in ("num_samples", "batch_size"):
+        _check(getattr(sm, key) >= 1, f"sampling.{key}", getattr(sm, key), "must be >= 1")
+    _check(0.0 < sm.top_p <= 1.0, "sampling.top_p", sm.top_p, "must be in (0, 1]")
+    _check(sm.temperature >= 0.0, "sampling.temperature", sm.temperature, "must be >= 0")
+    _check(sm.stop_entropy >= 0.0, "sampling.stop_entropy", sm.stop_entropy, "must be >= 0")
     return cfg
 
 

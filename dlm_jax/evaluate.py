@@ -21,28 +21,9 @@ def evaluate_run(workdir: str, batches: int = 0) -> dict:
     """Validation metrics of the newest checkpoint in `workdir` (see module docstring)."""
     import jax
 
-    from dlm_jax import registry
-    from dlm_jax.checkpoint import Checkpointer
-    from dlm_jax.config import Config
-    from dlm_jax.evals import build_evaluators, run_evaluators
-    from dlm_jax.state import make_optimizer
-    from dlm_jax.steps import TrainProgram
+    from dlm_jax.evals import build_evaluators, restore_run, run_evaluators
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a dlm_jax training run?")
-    with open(path) as f:
-        cfg = Config.from_dict(json.load(f))
-    exp = registry.build(cfg)
-    program = TrainProgram(exp, make_optimizer(cfg.optim, cfg.train.steps))
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir} not found: the run has no checkpoint yet")
-    ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep, async_save=False, create=False)
-    try:
-        step, state = ckpt.restore_state_only(program.abstract_state)
-    finally:
-        ckpt.close()
+    exp, program, step, state = restore_run(workdir)
     # The clip search changes training, not the likelihood: validation only.
     evaluators = build_evaluators(exp, program, batches=batches or None, clip_search=False)
     out = {"step": step, **run_evaluators(evaluators, exp, state)[0]}

@@ -17,6 +17,7 @@ from flax import nnx
 from dlm_jax.masks import bd3lm_two_pass_mask, block_causal_mask
 from dlm_jax.methods.sedd import sedd_log_score
 from dlm_jax.models import DiT
+from dlm_jax.models.layers import apply_rotary, rotary_cos_sin
 from dlm_jax.models.convert import (dit_config_from_state_dict, dit_from_state_dict,
                                     load_dit_state_dict, state_dict_from_npz, strip_prefixes)
 
@@ -118,12 +119,15 @@ def test_bd3lm_dit_kvcache():
         logits, cache = _decode(model, x_clean[:, b * bs:(b + 1) * bs], sigma, cache, True)
         _close(logits, z["output/kv/store_logits"][b])
         assert int(cache.length) == (b + 1) * bs
-    # Our cache holds their pre-rotary k and v (their packed qkv, columns [q | k | v]).
-    D = model.width
+    # Our cache holds their k (rotated once at its position, where they rotate at every read)
+    # and v (their packed pre-rotary qkv, columns [q | k | v]).
+    D, H = model.width, model.heads
+    cos, sin = rotary_cos_sin(jnp.arange(L)[None], model.head_dim)
     for layer in range(model.depth):
-        packed = z[f"output/debug/kv_cache_layer{layer}"]
-        _close(cache.k[layer, :, :L].reshape(B, L, D), packed[..., D:2 * D])
-        _close(cache.v[layer, :, :L].reshape(B, L, D), packed[..., 2 * D:])
+        packed = jnp.asarray(z[f"output/debug/kv_cache_layer{layer}"])
+        their_k = apply_rotary(packed[:, :L, D:2 * D].reshape(B, L, H, D // H), cos, sin)
+        _close(cache.k[layer, :, :L], np.asarray(their_k))
+        _close(cache.v[layer, :, :L].reshape(B, L, D), np.asarray(packed[:, :L, 2 * D:]))
 
 
 def test_sedd_ddit():

@@ -259,20 +259,31 @@ def test_kv_cache_equals_block_causal_forward(dit):
         np.testing.assert_allclose(noisy_logits[b], want[b, :, b * BS:(b + 1) * BS], atol=1e-5)
 
 
-@nnx.jit
-def _decode_traced_commit(model, tokens, sigma, cache, commit):
-    return model.decode_block(tokens, sigma, cache, commit=commit)
-
-
-def test_kv_cache_traced_commit(dit):
-    x, s = _tokens(9, (B, BS)), jnp.array([0.5, 0.5])
-    cache = dit.init_cache(B, 8)
-    for flag in (True, False):
-        logits, new = _decode_traced_commit(dit, x, s, cache, jnp.array(flag))
-        assert int(new.length) == (BS if flag else 0)
-        if not flag:
-            np.testing.assert_array_equal(new.k, cache.k)
-        np.testing.assert_allclose(logits, _forward(dit, x, s), atol=1e-5)
+def test_kv_cache_slides_instead_of_overflowing(dit):
+    """Three commits of 4 into an 8-slot window: the window keeps commits 2 and 3 (in order),
+    never a clamped overwrite; the slots hold exactly what each commit wrote."""
+    s = jnp.array([0.5, 0.5])
+    blocks = [_tokens(20 + i, (B, 4)) for i in range(3)]
+    cache, written = dit.init_cache(B, 8), []
+    for i, blk in enumerate(blocks):
+        _, cache = dit.decode_block(blk, s, cache, commit=True)
+        written.append((np.asarray(cache.k), np.asarray(cache.v), min(4 * i, 4)))
+    assert int(cache.length) == 12 and bool(cache.valid().all())
+    k1, v1, _ = written[1]
+    k2, v2, _ = written[2]
+    np.testing.assert_array_equal(k2[:, :, :4], k1[:, :, 4:])   # commit 2 slid to slots 0-3
+    np.testing.assert_array_equal(v2[:, :, :4], v1[:, :, 4:])
+    assert np.abs(k2[:, :, 4:] - k1[:, :, 4:]).max() > 1e-3      # commit 3 in slots 4-7
+    # commit 3's keys are rotated at its absolute positions 8-11: the same as writing it after
+    # commit 2 into a cache that had room.
+    roomy = dit.init_cache(B, 12)
+    for blk in blocks:
+        _, roomy = dit.decode_block(blk, s, roomy, commit=True)
+    np.testing.assert_allclose(k2, np.asarray(roomy.k)[:, :, 4:], atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of it; the window is 6"):
+        dit.decode_block(blocks[0], s, dit.init_cache(B, 6), commit=True)
+    with pytest.raises(TypeError, match="must be a Python bool"):
+        dit.decode_block(blocks[0], s, cache, commit=jnp.array(True))
 
 
 def test_ar_is_causal(ar):

@@ -48,3 +48,36 @@ def build_evaluators(exp, program, *, batches: int | None = None, clip_search: b
 
 __all__ = ["ClipSearch", "EVALUATORS", "Validation", "build_evaluators", "clip_candidates",
            "run_evaluators", "validation_batches"]
+
+
+def restore_run(workdir: str, overrides=None):
+    """(exp, program, step, state) of the newest checkpoint in a training run's directory, built
+    from the run's config.json (`overrides(cfg)` may edit it first, e.g. the sampling section).
+    Creates nothing. FileNotFoundError names what is missing."""
+    import json
+    import os
+
+    from dlm_jax import registry
+    from dlm_jax.checkpoint import Checkpointer
+    from dlm_jax.config import Config
+    from dlm_jax.state import make_optimizer
+    from dlm_jax.steps import TrainProgram
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a dlm_jax training run?")
+    with open(path) as f:
+        cfg = Config.from_dict(json.load(f))
+    if overrides is not None:
+        overrides(cfg)
+    exp = registry.build(cfg)
+    program = TrainProgram(exp, make_optimizer(cfg.optim, cfg.train.steps))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} not found: the run has no checkpoint yet")
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep, async_save=False, create=False)
+    try:
+        step, state = ckpt.restore_state_only(program.abstract_state)
+    finally:
+        ckpt.close()
+    return exp, program, step, state

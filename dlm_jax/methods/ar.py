@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from dlm_jax.methods.base import Denoiser, Method, attention_flops, dropout_key
 from dlm_jax.objectives.ar import ar_nll
+from dlm_jax.samplers.block import BlockDecoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,26 @@ class Autoregressive(Method):
     def denoiser(self, model) -> Denoiser:
         return Denoiser("next_token_log_probs",
                         lambda tokens: jax.nn.log_softmax(model(tokens, None), axis=-1))
+
+    def block_decoder(self, model, length: int, *, cached: bool = True,
+                      window: int | None = None) -> BlockDecoder:
+        """The model token by token (`samplers.block.generate_ar`): commit(token) returns the
+        next-token log-probs. cached: a KV cache of `window` tokens (default: `length`; longer
+        generations slide it); False: the twin that reruns the causal model over the whole
+        sequence for every token."""
+        if cached:
+            def commit(block, cache):
+                logits, cache = model.decode_block(block, None, cache, commit=True)
+                return jax.nn.log_softmax(logits, axis=-1), cache
+            return BlockDecoder(lambda b: model.init_cache(b, window or length), None, commit)
+
+        def commit_full(block, cache):
+            tokens, start = cache
+            x = jax.lax.dynamic_update_slice_in_dim(tokens, block, start, axis=1)
+            logits = jax.lax.dynamic_slice_in_dim(model(x, None), start, block.shape[1], axis=1)
+            return jax.nn.log_softmax(logits, axis=-1), (x, start + block.shape[1])
+        return BlockDecoder(lambda b: (jnp.zeros((b, length), jnp.int32), jnp.int32(0)), None,
+                            commit_full, max_tokens=length)
 
     def flops_per_token(self, *, num_params, depth, width, seq_len):
         # The causal mask is applied to dense scores: every query scores all L keys.

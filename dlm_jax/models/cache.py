@@ -1,12 +1,20 @@
 """KV cache for block-by-block (BD3-LM) and token-by-token (AR) decoding, as an explicit pytree.
 
-The cache holds, for every layer, the **pre-rotary** keys and the values of the committed prefix;
-rotary positions are applied when the cache is read, so buffer slot j always has position j.
-Shapes: N depth (layers), B batch, Lmax buffer length, H heads, Dh head width.
+For every layer the cache holds the **post-rotary** keys and the values of the most recent
+committed tokens, each key rotated once, at its absolute position, when it is written. A decoding
+call therefore costs O(block × cached tokens) per layer: nothing in the buffer is rotated or
+recomputed on a read (rotary scores depend only on position differences, so absolute positions
+are exact at any length).
 
-It is a plain pytree (jit/scan friendly, no hidden state): models return a new cache instead of
-mutating one. Slots at or beyond `length` are ignored by attention (masked), whatever they hold.
-The caller must keep `length + block length ≤ Lmax`; there is no sliding window.
+Sliding window by construction: the buffer holds at most `max_len` tokens. A commit that would
+not fit first shifts the buffer left by the block length, dropping the oldest tokens, so a write
+can never fall outside the buffer (the overflow that `dynamic_update_slice` would hide by
+clamping). Within `max_len` total tokens the cache is exact; beyond it, it is the standard
+sliding-window approximation (the kept tokens' deeper-layer states were computed with their
+earlier context, as in the BD3-LM reference generator).
+
+Shapes: N depth (layers), B batch, W = max_len buffer slots, H heads, Dh head width.
+Slots [0, filled) are valid, in position order; the rest are ignored by attention.
 """
 from __future__ import annotations
 
@@ -19,7 +27,8 @@ Array = jax.Array
 
 @struct.dataclass
 class KVCache:
-    """k, v: (N, B, Lmax, H, Dh) pre-rotary keys / values; length: int32[] committed tokens."""
+    """k, v: (N, B, W, H, Dh) post-rotary keys / values; length: int32[] tokens committed so far
+    (the absolute position of the next token); slot j holds position length − filled + j."""
 
     k: Array
     v: Array
@@ -28,20 +37,42 @@ class KVCache:
     @classmethod
     def zeros(cls, depth: int, batch: int, max_len: int, heads: int, head_dim: int,
               dtype=jnp.float32) -> "KVCache":
-        """An empty cache: zero buffers (N, B, Lmax, H, Dh) of `dtype` and length 0."""
+        """An empty cache: zero buffers (N, B, max_len, H, Dh) of `dtype` and length 0."""
+        if max_len < 1:
+            raise ValueError(f"KV cache max_len must be >= 1, got {max_len}")
         shape = (depth, batch, max_len, heads, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    length=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        """Lmax, the static buffer length."""
+        """W, the static number of buffer slots (the window)."""
         return self.k.shape[2]
 
+    @property
+    def filled(self) -> Array:
+        """int32[]: valid slots, min(length, W)."""
+        return jnp.minimum(self.length, self.max_len)
+
+    def valid(self) -> Array:
+        """bool (W,): which slots hold a committed token."""
+        return jnp.arange(self.max_len, dtype=jnp.int32) < self.filled
+
     def append(self, k_new: Array, v_new: Array) -> "KVCache":
-        """Writes k_new/v_new (N, B, Lb, H, Dh) at slot `length` and advances length by Lb."""
-        start = (0, 0, self.length, 0, 0)
-        return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), start),
-            v=jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), start),
-            length=self.length + jnp.int32(k_new.shape[2]))
+        """Commit k_new/v_new (N, B, Lb, H, Dh) (post-rotary at positions length … length+Lb−1).
+
+        If they do not fit after the valid slots, the buffer first slides left by Lb. Lb must
+        divide W (checked statically), so a sliding buffer is always exactly full.
+        """
+        lb, w = k_new.shape[2], self.max_len
+        if lb > w or w % lb:
+            raise ValueError(f"a commit of {lb} tokens needs a KV cache window that is a multiple "
+                             f"of it; the window is {w}")
+        full = self.filled + lb > w
+
+        k, v = jax.lax.cond(full, lambda kv: tuple(jnp.roll(a, -lb, axis=2) for a in kv),
+                            lambda kv: kv, (self.k, self.v))
+        start = (0, 0, jnp.where(full, w - lb, self.filled), 0, 0)
+        return KVCache(k=jax.lax.dynamic_update_slice(k, k_new.astype(k.dtype), start),
+                       v=jax.lax.dynamic_update_slice(v, v_new.astype(v.dtype), start),
+                       length=self.length + jnp.int32(lb))

@@ -148,23 +148,23 @@ class DiTBlock(nnx.Module):
         return self._residuals(h, self.attn.output(o), mod, deterministic=deterministic, key=key)
 
     def decode(self, h: Array, c: Array | None, k_cache: Array, v_cache: Array, cache_mask: Array,
-               rope_block: tuple[Array, Array], rope_cache: tuple[Array, Array],
-               block_mask: Array | None) -> tuple[Array, Array, Array]:
-        """One block for a decoding step over the cache prefix plus the current block.
+               rope_block: tuple[Array, Array], block_mask: Array | None
+               ) -> tuple[Array, Array, Array]:
+        """One block for a decoding step over the cached prefix plus the current block.
 
-        h (B, Lb, D) float32; k_cache/v_cache (B, Lmax, H, Dh) pre-rotary; cache_mask bool
-        (1, Lb, Lmax) (slot valid); rope_block cos/sin (1, Lb, Dh) at the block's positions;
-        rope_cache cos/sin (1, Lmax, Dh) at positions 0…Lmax−1; block_mask (1, Lb, Lb) or None
-        (bidirectional within the block). Returns the new h (B, Lb, D) and the block's pre-rotary
-        k, v (B, Lb, H, Dh). No dropout.
+        h (B, Lb, D) float32; k_cache/v_cache (B, W, H, Dh) post-rotary keys and values;
+        cache_mask bool (1, Lb, W) (slot valid); rope_block cos/sin (1, Lb, Dh) at the block's
+        absolute positions; block_mask (1, Lb, Lb) or None (bidirectional within the block).
+        Returns the new h (B, Lb, D) and the block's post-rotary k and its v (B, Lb, H, Dh).
+        No dropout.
         """
         mod = self._modulation(c)
         q, k, v = self.attn.project(self._attn_input(h, mod))
         q_r, k_r = apply_rotary(q, *rope_block), apply_rotary(k, *rope_block)
-        kc_r = apply_rotary(k_cache.astype(q.dtype), *rope_cache)
-        o = attend_with_prefix(q_r, kc_r, v_cache, cache_mask, k_r, v, block_mask)
+        o = attend_with_prefix(q_r, k_cache.astype(q.dtype), v_cache, cache_mask, k_r, v,
+                               block_mask)
         h = self._residuals(h, self.attn.output(o), mod, deterministic=True, key=None)
-        return h, k, v
+        return h, k_r, v
 
 
 class FinalLayer(nnx.Module):
@@ -381,41 +381,36 @@ class DiT(nnx.Module):
         return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype)
 
     def decode_block(self, tokens: Array, sigma: Array | None, cache: KVCache, *,
-                     commit: bool | Array) -> tuple[Array, KVCache]:
+                     commit: bool) -> tuple[Array, KVCache]:
         """Logits for one block given the committed prefix in `cache` (no dropout).
 
-        tokens (B, Lb) int32 at positions cache.length … cache.length+Lb−1 attend to the cache's
-        first `length` slots and to the block itself (bidirectionally; causally for the AR model).
-        commit=True writes the block's pre-rotary K/V at slot `length` and advances length by Lb;
-        commit=False returns the cache unchanged. commit may be a traced bool (selected with
-        jnp.where; a Python bool avoids the extra copy). Requires length + Lb ≤ max_len.
-        Returns (logits (B, Lb, V) float32, new cache).
+        tokens (B, Lb) int32 at absolute positions cache.length … cache.length+Lb−1 attend to the
+        cache's valid slots and to the block itself (bidirectionally; causally for the AR model).
+        commit (a Python bool): True writes the block's keys and values into the cache (sliding
+        its window if full; `KVCache.append`), False leaves the cache unchanged. Cost per layer:
+        O(Lb × (W + Lb)).
+        Returns (logits (B, Lb, V) float32, the cache).
         """
+        if not isinstance(commit, bool):
+            raise TypeError("decode_block(commit=...) must be a Python bool: commit once per "
+                            "finished block, outside the denoising loop")
         B, Lb = tokens.shape
-        Lmax = cache.max_len
-        start = cache.length
-        slots = jnp.arange(Lmax, dtype=jnp.int32)
-        q_pos = start + jnp.arange(Lb, dtype=jnp.int32)
+        q_pos = cache.length + jnp.arange(Lb, dtype=jnp.int32)
         rope_block = rotary_cos_sin(q_pos[None], self.head_dim)
-        rope_cache = rotary_cos_sin(slots[None], self.head_dim)
-        cache_mask = jnp.broadcast_to(slots[None, None, :] < start, (1, Lb, Lmax))
+        cache_mask = jnp.broadcast_to(cache.valid()[None, None, :], (1, Lb, cache.max_len))
         block_mask = causal_mask(Lb)[None] if self.causal else None
         c = self._conditioning(sigma, B, Lb)
         h = self.embed(tokens)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             h, k, v = block.decode(h, c, cache.k[i], cache.v[i], cache_mask, rope_block,
-                                   rope_cache, block_mask)
+                                   block_mask)
             ks.append(k)
             vs.append(v)
         logits = self.final(h, c)
-        if isinstance(commit, bool) and not commit:
+        if not commit:
             return logits, cache
-        committed = cache.append(jnp.stack(ks), jnp.stack(vs))
-        if isinstance(commit, bool):
-            return logits, committed
-        commit = jnp.asarray(commit, bool)
-        return logits, jax.tree.map(lambda a, b: jnp.where(commit, a, b), committed, cache)
+        return logits, cache.append(jnp.stack(ks), jnp.stack(vs))
 
 
 # ---------------------------------------------------------------------------------------------
