@@ -27,4 +27,6 @@ def get_config(arg: str | None = None) -> Config:
     cfg.train.steps, cfg.train.batch_size = 300, 16
     cfg.train.log_every, cfg.train.eval_every, cfg.train.ckpt_every = 50, 150, 150
     cfg.train.eval_batches = 4
+    cfg.train.final_samples = 2
+    cfg.sampling.length = 64
     return cfg

@@ -129,6 +129,7 @@ class TrainConfig:
     async_checkpoint: bool = True
     tensorboard: bool = False
     profile_steps: tuple = ()       # (start, stop) to capture a jax.profiler trace
+    final_samples: int = 0          # samples printed when training ends (sampling section)
 
 
 @dataclasses.dataclass
@@ -289,6 +290,7 @@ def validate(cfg: Config) -> Config:
     for key in ("log_every", "eval_every", "ckpt_every", "keep", "stop_check_every"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     _check(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
+    _check(t.final_samples >= 0, "train.final_samples", t.final_samples, "must be >= 0")
 
     _check(len(mesh.shape) == len(mesh.axes) == 3, "mesh.shape", mesh.shape,
            f"needs one size per axis of {mesh.axes}")

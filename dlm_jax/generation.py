@@ -9,6 +9,9 @@ sample does not depend on the batch it was drawn in.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -105,3 +108,64 @@ def encode_prompt(exp, text: str | None, batch: int, sampler: str) -> Any:
     else:
         return None
     return jnp.asarray([ids] * batch, jnp.int32)
+
+
+def generate_samples(exp, params, sampling: SamplingConfig, prompt: str | None = None,
+                     say=None) -> tuple[list[dict], dict]:
+    """`sampling.num_samples` samples from `params`, in batches of `sampling.batch_size` (one
+    compiled program). Returns (rows: sample, text, tokens, length; summary: sampler, steps,
+    NFE, seconds, compile seconds and tokens/s of the generated tokens)."""
+    import numpy as np
+    gen = make_generator(exp, sampling)
+    batch = min(sampling.batch_size, sampling.num_samples)
+    prompt_ids = encode_prompt(exp, prompt, batch, gen.sampler)
+    p_len = 0 if prompt_ids is None else prompt_ids.shape[1]
+    if p_len > gen.length:
+        raise ConfigError(f"the prompt has {p_len} tokens, more than the sample length "
+                          f"{gen.length} (sampling.length)")
+    t0 = time.perf_counter()
+    compiled = gen.run.lower(params, sample_keys(sampling.seed, 0, batch), prompt_ids).compile()
+    compile_s = time.perf_counter() - t0
+    rows, seconds, new_tokens, nfe = [], 0.0, 0, 0
+    for start in range(0, sampling.num_samples, batch):
+        t0 = time.perf_counter()
+        res = jax.device_get(compiled(params, sample_keys(sampling.seed, start, batch),
+                                      prompt_ids))
+        dt = time.perf_counter() - t0
+        seconds += dt
+        count = min(batch, sampling.num_samples - start)
+        nfe = int(res["nfe"])
+        for i in range(count):
+            n = int(res["lengths"][i])
+            ids = np.asarray(res["tokens"][i, :n])
+            new_tokens += n - p_len
+            text = exp.tokenizer.decode(ids) if exp.tokenizer is not None else None
+            rows.append({"sample": start + i, "text": text, "tokens": ids.tolist(),
+                         "length": n})
+        if say is not None:
+            say(f"batch {start // batch + 1}/{-(-sampling.num_samples // batch)}: {count} "
+                f"samples in {dt:.2f}s")
+    summary = {"method": exp.method.name, "sampler": gen.sampler, "steps": gen.steps,
+               "block": gen.block_len, "length": gen.length, "prompt_tokens": p_len,
+               "num_samples": len(rows), "nfe_per_batch": nfe, "seconds": seconds,
+               "compile_seconds": compile_s, "tokens_per_s": new_tokens / max(seconds, 1e-9),
+               "settings": dataclasses.asdict(sampling)}
+    return rows, summary
+
+
+def sample_run(workdir: str, *, prompt: str | None = None, out: str | None = None,
+               overrides=None, say=None) -> dict:
+    """Generate from the newest checkpoint (EMA parameters if kept) of a training run and write
+    one JSONL row per sample (text, tokens, settings, NFE, tokens/s) to `out` (default
+    `<workdir>/samples_step<N>.jsonl`). `overrides(cfg)` edits the run's config first."""
+    from dlm_jax.evals import restore_run
+    exp, _, step, state = restore_run(workdir, overrides)
+    params = state.ema_params if state.ema_params is not None else state.params
+    rows, summary = generate_samples(exp, params, exp.cfg.sampling, prompt, say)
+    out = out or os.path.join(workdir, f"samples_step{step}.jsonl")
+    keep = ("method", "sampler", "steps", "block", "nfe_per_batch", "tokens_per_s", "settings")
+    with open(out, "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "step": step, **{k: summary[k] for k in keep}}) + "\n")
+    return {**summary, "workdir": os.path.abspath(workdir), "step": step, "out": out,
+            "samples": rows}

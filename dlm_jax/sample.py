@@ -12,10 +12,7 @@ MDLM/BD3-LM ancestral with as many steps as the block has tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
-import time
 
 from absl import app, flags, logging
 
@@ -70,69 +67,14 @@ def _apply_overrides(cfg) -> None:
             setattr(cfg.sampling, key, flag.value)
 
 
-def sample_run(workdir: str, prompt: str | None = None, out: str | None = None,
-               overrides=_apply_overrides, say=print) -> dict:
-    """Generate from the newest checkpoint of `workdir`; returns a summary and writes the JSONL."""
-    import jax
-    import numpy as np
-
-    from dlm_jax.evals import restore_run
-    from dlm_jax.generation import encode_prompt, make_generator, sample_keys
-
-    exp, _, step, state = restore_run(workdir, overrides)
-    sm = exp.cfg.sampling
-    gen = make_generator(exp, sm)
-    params = state.ema_params if state.ema_params is not None else state.params
-    batch = min(sm.batch_size, sm.num_samples)
-    prompt_ids = encode_prompt(exp, prompt, batch, gen.sampler)
-    p_len = 0 if prompt_ids is None else prompt_ids.shape[1]
-    if p_len > gen.length:
-        from dlm_jax.config import ConfigError
-        raise ConfigError(f"the prompt has {p_len} tokens, more than the sample length "
-                          f"{gen.length} (sampling.length)")
-    t0 = time.perf_counter()
-    compiled = gen.run.lower(params, sample_keys(sm.seed, 0, batch), prompt_ids).compile()
-    compile_s = time.perf_counter() - t0
-    rows, seconds, new_tokens, nfe = [], 0.0, 0, 0
-    for start in range(0, sm.num_samples, batch):
-        t0 = time.perf_counter()
-        res = jax.device_get(compiled(params, sample_keys(sm.seed, start, batch), prompt_ids))
-        dt = time.perf_counter() - t0
-        seconds += dt
-        count = min(batch, sm.num_samples - start)
-        nfe = int(res["nfe"])
-        for i in range(count):
-            n = int(res["lengths"][i])
-            ids = np.asarray(res["tokens"][i, :n])
-            new_tokens += n - p_len
-            rows.append({"sample": start + i, "step": step, "text": (
-                exp.tokenizer.decode(ids) if exp.tokenizer is not None else None),
-                "tokens": ids.tolist(), "length": n})
-        say(f"batch {start // batch + 1}/{-(-sm.num_samples // batch)}: {count} samples in "
-            f"{dt:.2f}s")
-    summary = {"workdir": os.path.abspath(workdir), "step": step, "method": exp.method.name,
-               "sampler": gen.sampler, "steps": gen.steps, "block": gen.block_len,
-               "length": gen.length, "prompt_tokens": p_len, "num_samples": len(rows),
-               "nfe_per_batch": nfe, "seconds": seconds, "compile_seconds": compile_s,
-               "tokens_per_s": new_tokens / max(seconds, 1e-9),
-               "settings": dataclasses.asdict(sm)}
-    out = out or os.path.join(workdir, f"samples_step{step}.jsonl")
-    with open(out, "w") as f:
-        for row in rows:
-            f.write(json.dumps({**row, **{k: summary[k] for k in (
-                "method", "sampler", "steps", "block", "nfe_per_batch", "tokens_per_s")},
-                "settings": summary["settings"]}) + "\n")
-    summary["out"] = out
-    summary["samples"] = rows
-    return summary
-
-
 def main(argv) -> int:
     del argv
     from dlm_jax.config import ConfigError
+    from dlm_jax.generation import sample_run
     logging.set_verbosity(logging.WARNING)
     try:
-        summary = sample_run(_WORKDIR.value, _PROMPT.value, _OUT.value)
+        summary = sample_run(_WORKDIR.value, prompt=_PROMPT.value, out=_OUT.value,
+                             overrides=_apply_overrides, say=print)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -67,7 +67,28 @@ def main(argv) -> int:
             fail(_message(e), code=3)
     say(f"done: step {summary['final_step']} | checkpoint {summary['checkpoint']} | "
          f"metrics {summary['metrics']}")
+    if cfg.train.final_samples:
+        _print_samples(trainer, cfg)
     return 0
+
+
+def _print_samples(trainer, cfg) -> None:
+    """`train.final_samples` samples from the final (EMA) parameters, with the run's sampling
+    settings (`python -m dlm_jax.sample` draws more)."""
+    import dataclasses
+
+    from dlm_jax.generation import generate_samples
+    from dlm_jax.trainer import say
+    state = trainer.state
+    params = state.ema_params if state.ema_params is not None else state.params
+    sampling = dataclasses.replace(cfg.sampling, num_samples=cfg.train.final_samples)
+    rows, summary = generate_samples(trainer.exp, params, sampling)
+    for row in rows:
+        say(f"sample {row['sample']}: {row['text']!r}" if row["text"] is not None
+            else f"sample {row['sample']}: {row['tokens']}")
+    say(f"  ({summary['sampler']}, {summary['steps']} steps per block of {summary['block']}, "
+        f"{summary['tokens_per_s']:,.0f} tok/s; more: python -m dlm_jax.sample --workdir "
+        f"{trainer.workdir})")
 
 
 def _message(e: BaseException) -> str:

@@ -1,0 +1,129 @@
+"""Sampling from trained runs: `dlm_jax.generation`, the `dlm_jax.sample` CLI, generative
+perplexity (`evals.generative`) and their errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlm_jax.config import ConfigError
+from dlm_jax.evals import restore_run
+from dlm_jax.evals.generative import generative_perplexity, score_windows, unigram_entropy
+from dlm_jax.generation import generate_samples, sample_run
+from dlm_jax.trainer import Trainer
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import tiny  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(workdir, family):
+    cfg = tiny.get_config(family)
+    cfg.data.source, cfg.data.max_bytes = "stdlib", 200_000
+    cfg.train.steps, cfg.train.eval_every, cfg.train.ckpt_every = 4, 4, 4
+    cfg.mesh.shape = (1, 1, 1)
+    trainer = Trainer(cfg, str(workdir), measure_mfu=False)
+    trainer.run()
+    trainer.close()
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return {f: _train(tmp_path_factory.mktemp(f.split(",")[0]), f) for f in ("bd3lm,block=8", "ar")}
+
+
+def test_sample_cli(runs):
+    out = subprocess.run(
+        [sys.executable, "-m", "dlm_jax.sample", "--workdir", runs["bd3lm,block=8"],
+         "--num_samples", "3", "--prompt", "def ", "--length", "64",
+         "--config.sampling.batch_size=2", "--config.sampling.top_p=0.9"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("--- sample") == 3 and "tok/s" in out.stdout
+    rows = [json.loads(x) for x in open(os.path.join(runs["bd3lm,block=8"],
+                                                     "samples_step4.jsonl"))]
+    assert [r["sample"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["text"].startswith("def ") and len(r["tokens"]) == r["length"] == 64
+        assert r["settings"]["top_p"] == 0.9 and r["nfe_per_batch"] > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "dlm_jax.sample", "--workdir", runs["bd3lm,block=8"],
+         "--config.sampling.top_q=0.9"], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: config.sampling.top_q is not a known key; did you mean config.sampling.top_p?"]
+
+
+def _set(**fields):
+    def edit(cfg):
+        for k, v in fields.items():
+            setattr(cfg.sampling, k, v)
+    return edit
+
+
+def test_samples_do_not_depend_on_the_batch_size(runs):
+    exp, _, _, state = restore_run(runs["ar"])
+    one, _ = generate_samples(exp, state.params, dataclasses.replace(
+        exp.cfg.sampling, num_samples=3, batch_size=1, length=24))
+    three, summary = generate_samples(exp, state.params, dataclasses.replace(
+        exp.cfg.sampling, num_samples=3, batch_size=3, length=24))
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in three]
+    assert summary["sampler"] == "ar" and summary["nfe_per_batch"] == 23
+
+
+@pytest.mark.parametrize("run,edit,message", [
+    ("bd3lm,block=8", _set(sampler="gibbs"), "sampler='gibbs' does not fit bd3lm"),
+    ("ar", _set(sampler="first_hitting"), "does not fit the AR family"),
+    ("bd3lm,block=8", _set(length=30), "length=30 must be a multiple of the block size 8"),
+    ("bd3lm,block=8", _set(length=8), "prompt has 12 tokens, more than the sample length 8"),
+])
+def test_sampling_errors(runs, run, edit, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        sample_run(runs[run], prompt="import numpy", overrides=edit,
+                   out=str(tmp_path / "x.jsonl"))
+    assert not os.path.exists(tmp_path / "x.jsonl")
+
+
+def test_score_windows_score_every_target_once():
+    ids = list(range(1, 12))                       # 11 tokens, 10 targets
+    toks, weights = score_windows(ids, context=4)
+    scored = [s + j + 1 for w, s in enumerate(range(0, 12, 2)[:len(toks)])
+              for j in range(4) if weights[w, j]]
+    assert sorted(scored) == list(range(1, 11))
+    for w, s in enumerate(range(0, 12, 2)[:len(toks)]):
+        chunk = ids[s:s + 4]
+        np.testing.assert_array_equal(toks[w, :len(chunk)], chunk)
+
+
+def test_generative_perplexity_equals_the_direct_nll(runs):
+    """Samples that fit the judge's context: one window, so the perplexity is exactly the NLL of
+    [EOS] + sample under one causal forward; EOS targets are not scored."""
+    judge, _, _, state = restore_run(runs["ar"])
+    C, eos = judge.cfg.data.seq_len, judge.tokenizer.eos_id
+    rng = np.random.default_rng(0)
+    rows = [{"text": None, "tokens": rng.integers(0, 256, n).tolist()} for n in (12, C - 1)]
+    rows[0]["tokens"][5] = eos
+    got = generative_perplexity(judge, state.params, rows, same_tokenizer=True)
+    model = judge.model(state.params)
+    nll, count = 0.0, 0
+    for row in rows:
+        x = jnp.asarray([[eos] + row["tokens"]])
+        lp = np.asarray(jax.nn.log_softmax(model(x, None)[0], -1))
+        for i, t in enumerate(row["tokens"]):
+            if t != eos:
+                nll, count = nll - float(lp[i, t]), count + 1
+    assert got["scored_tokens"] == count == 12 + C - 2
+    np.testing.assert_allclose(np.log(got["gen_ppl"]), nll / count, rtol=1e-5)
+    assert got["entropy"] == pytest.approx(np.mean([unigram_entropy(r["tokens"]) for r in rows]))
+    with pytest.raises(ValueError, match="the judge must be an AR run"):
+        generative_perplexity(restore_run(runs["bd3lm,block=8"])[0], state.params, rows)
