@@ -269,3 +269,18 @@ def test_ar_cached_equals_uncached_and_slides():
                                   np.asarray(cached["tokens"])[:, :9])
     with pytest.raises(ValueError, match="needs a prompt of at least one token"):
         generate_ar(method.block_decoder(model, 8), keys, length=8, prompt=None)
+
+
+def test_bd3lm_beyond_the_training_length_slides_the_cache(bd3lm):
+    """48 tokens from a model of length 16: the KV window slides (one commit per block, never an
+    overflow); the first 16 tokens equal the 16-token generation's (same per-block keys)."""
+    method, model = bd3lm
+    keys = _keys(2, 8)
+
+    def run(length):
+        dec = method.block_decoder(model, length, cached=True)
+        return generate_blocks(dec, keys, length=length, block_len=BLOCK, steps=4,
+                               mask_id=method.process.mask_id, schedule=method.schedule)
+    short, long = jax.jit(lambda: run(MODEL_LEN))(), jax.jit(lambda: run(3 * MODEL_LEN))()
+    np.testing.assert_array_equal(np.asarray(long["tokens"])[:, :MODEL_LEN], short["tokens"])
+    assert int(long["blocks"]) == 12 and np.all(np.asarray(long["tokens"]) < 36)
