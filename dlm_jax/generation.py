@@ -1,7 +1,7 @@
 """From a trained `Experiment` and the `sampling` config section to one jitted generator.
 
-`make_generator(exp, sampling)` picks the family's sampler (`samplers.block` for AR, MDLM and
-BD3-LM) and returns a `Generator` whose `run(params, keys, prompt)` is a single compiled program:
+`make_generator(exp, sampling)` picks the family's sampler (`samplers.block` for AR and BD3-LM,
+`samplers.masked` for MDLM and D3PM) and returns a `Generator` whose `run(params, keys, prompt)` is a single compiled program:
 the whole generation of a batch, `lax.scan`/`lax.while_loop` inside. Row i of a batch depends on
 `keys[i]` only (`sample_keys(seed, start, n)` gives sample i the key `fold_in(seed, i)`), so a
 sample does not depend on the batch it was drawn in.
@@ -19,8 +19,14 @@ import jax.numpy as jnp
 
 from dlm_jax.config import ConfigError, SamplingConfig
 from dlm_jax.methods.ar import Autoregressive
+from dlm_jax.methods.d3pm import DiscreteTime
 from dlm_jax.methods.masked import Masked
+from dlm_jax.samplers import masked as masked_samplers
 from dlm_jax.samplers.block import BLOCK_SAMPLERS, generate_ar, generate_blocks
+
+# MDLM (one block): the samplers of `samplers.masked`; "confidence" / "margin" / "entropy" are
+# confidence-ordered parallel decoding by that score.
+MDLM_SAMPLERS = ("ancestral", "first_hitting", "confidence", "margin", "entropy")
 
 Array = jax.Array
 
@@ -67,6 +73,27 @@ def make_generator(exp, sampling: SamplingConfig) -> Generator:
             return generate_ar(dec, keys, length=length, prompt=prompt, eos_id=eos, **kw)
         return Generator("ar", None, length, 1, jax.jit(run_ar))
 
+    if isinstance(method, Masked) and not method.blocks:
+        return _mdlm_generator(exp, sampling, name, length, kw)
+
+    if isinstance(method, DiscreteTime):
+        if name not in ("ancestral",):
+            raise ConfigError(f"config.sampling.sampler={name!r} does not fit D3PM; use "
+                              f"'ancestral' (or 'auto')")
+        if length > cfg.data.seq_len:
+            raise ConfigError(f"config.sampling.length={length} is longer than the model's "
+                              f"length data.seq_len={cfg.data.seq_len}")
+        T = method.process.num_steps
+
+        def run_d3pm(params, keys, prompt):
+            if prompt is not None:
+                raise ConfigError("D3PM sampling takes no prompt")
+            tokens, nfe = masked_samplers.d3pm_ancestral(
+                method.reverse_log_probs(exp.model(params)), method.process, keys, length)
+            return {"tokens": tokens, "lengths": jnp.full(tokens.shape[:1], length, jnp.int32),
+                    "nfe": nfe.max()}
+        return Generator("ancestral", T, length, length, jax.jit(run_d3pm))
+
     if isinstance(method, Masked):
         if name not in BLOCK_SAMPLERS:
             raise ConfigError(f"config.sampling.sampler={name!r} does not fit {method.name}; "
@@ -93,6 +120,40 @@ def make_generator(exp, sampling: SamplingConfig) -> Generator:
 
     raise ConfigError(f"sampling is not available yet for the {method.name} family "
                       f"(objective {cfg.diffusion.objective!r})")
+
+
+def _mdlm_generator(exp, sampling, name, length, kw) -> Generator:
+    """MDLM: one bidirectional block through `samplers.masked`."""
+    method, cfg = exp.method, exp.cfg
+    if name not in MDLM_SAMPLERS:
+        raise ConfigError(f"config.sampling.sampler={name!r} does not fit mdlm; choose one of "
+                          f"{list(MDLM_SAMPLERS)} (or 'auto')")
+    if length > cfg.data.seq_len:
+        raise ConfigError(f"config.sampling.length={length} is longer than the MDLM model's "
+                          f"length data.seq_len={cfg.data.seq_len}")
+    steps = length if name == "first_hitting" else (sampling.steps or length)
+    mask_id, timed = method.process.mask_id, cfg.model.time_conditioning
+
+    def run(params, keys, prompt):
+        denoise = method.denoiser(exp.model(params))
+        common = dict(prompt=prompt, top_k=kw["top_k"], top_p=kw["top_p"])
+        if name == "ancestral":
+            fn = (masked_samplers.ancestral_cached if sampling.skip_unchanged
+                  else masked_samplers.ancestral)
+            extra = {"time_conditioned": timed} if sampling.skip_unchanged else {}
+            tokens, nfe = fn(denoise, method.schedule, keys, length, mask_id, steps=steps,
+                             temperature=kw["temperature"], **common, **extra)
+        elif name == "first_hitting":
+            tokens, nfe = masked_samplers.first_hitting(
+                denoise, method.schedule, keys, length, mask_id,
+                temperature=kw["temperature"], **common)
+        else:
+            tokens, nfe = masked_samplers.confidence_decode(
+                denoise, method.schedule, keys, length, mask_id, steps=steps, strategy=name,
+                **common)
+        return {"tokens": tokens, "lengths": jnp.full(tokens.shape[:1], length, jnp.int32),
+                "nfe": nfe.max()}
+    return Generator(name, steps, length, length, jax.jit(run))
 
 
 def encode_prompt(exp, text: str | None, batch: int, sampler: str) -> Any:

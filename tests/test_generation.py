@@ -127,3 +127,32 @@ def test_generative_perplexity_equals_the_direct_nll(runs):
     assert got["entropy"] == pytest.approx(np.mean([unigram_entropy(r["tokens"]) for r in rows]))
     with pytest.raises(ValueError, match="the judge must be an AR run"):
         generative_perplexity(restore_run(runs["bd3lm,block=8"])[0], state.params, rows)
+
+
+@pytest.mark.parametrize("family,sampler", [("mdlm", "ancestral"), ("mdlm", "first_hitting"),
+                                            ("mdlm", "margin"), ("d3pm", "auto"),
+                                            ("bd3lm,block=8", "first_hitting")])
+def test_every_family_samples(family, sampler):
+    """Fresh parameters, the family's samplers through `generate_samples`: every position is a
+    real token, the prompt is kept (where the family takes one), batch-independent rows."""
+    from flax import nnx
+
+    from dlm_jax import registry
+    cfg = tiny.get_config(family)
+    cfg.data.source = "stdlib"
+    cfg.diffusion.d3pm_steps = min(cfg.diffusion.d3pm_steps, 50)
+    cfg.mesh.shape = (1, 1, 1)
+    exp = registry.build(cfg)
+    params = nnx.to_pure_dict(nnx.split(exp.new_model(0))[1])
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                          params)                                    # not the zero init
+    prompt = None if family == "d3pm" else "def "
+    sampling = dataclasses.replace(cfg.sampling, sampler=sampler, num_samples=3, batch_size=3,
+                                   steps=8)
+    rows, summary = generate_samples(exp, params, sampling, prompt)
+    alone, _ = generate_samples(exp, params, dataclasses.replace(sampling, batch_size=1), prompt)
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in alone]
+    for r in rows:
+        assert len(r["tokens"]) == cfg.data.seq_len and max(r["tokens"]) < exp.token_vocab
+        assert prompt is None or r["text"].startswith(prompt)
+    assert summary["nfe_per_batch"] > 0
