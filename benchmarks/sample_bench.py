@@ -18,6 +18,7 @@ the cases so the machine's drift hits all alike. tokens/s = batch · L / median 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -67,20 +68,17 @@ def main(argv=None) -> dict:
     lengths = [int(x) for x in args.lengths.split(",")]
     B = args.batch
     cases = []
-    _case_ = _case
-
-    def _case(*a, **k):  # noqa: F811 - every case at --size
-        return _case_(*a, size=args.size, **k)
+    case = functools.partial(_case, size=args.size)
     for L in lengths:
-        cases.append(_case("bd3lm", L, B, sampler="ancestral", cached=True, steps=16))
+        cases.append(case("bd3lm", L, B, sampler="ancestral", cached=True, steps=16))
         if L <= args.recompute_max:
-            cases.append(_case("bd3lm", L, B, sampler="ancestral", cached=False, steps=16))
+            cases.append(case("bd3lm", L, B, sampler="ancestral", cached=False, steps=16))
     L0 = lengths[0]
     for b in (1, B):
-        cases.append(_case("bd3lm", L0, b, sampler="first_hitting", cached=True))
-    cases.append(_case("mdlm", L0, B, sampler="ancestral", cached=True, steps=L0))
-    cases.append(_case("ar", L0, B, sampler="ar", cached=True))
-    cases.append(_case("ar", L0, B, sampler="ar", cached=False))
+        cases.append(case("bd3lm", L0, b, sampler="first_hitting", cached=True))
+    cases.append(case("mdlm", L0, B, sampler="ancestral", cached=True, steps=L0))
+    cases.append(case("ar", L0, B, sampler="ar", cached=True))
+    cases.append(case("ar", L0, B, sampler="ar", cached=False))
     for case in cases:
         case["nfe"] = int(case["fn"]()["nfe"])   # warm-up run
     for _ in range(args.passes):

@@ -1,7 +1,7 @@
 """From a trained `Experiment` and the `sampling` config section to one jitted generator.
 
 `make_generator(exp, sampling)` picks the family's sampler (`samplers.block` for AR and BD3-LM,
-`samplers.masked` for MDLM and D3PM) and returns a `Generator` whose `run(params, keys, prompt)` is a single compiled program:
+`samplers.masked` for MDLM and D3PM, `samplers.score` for SEDD and the CTMC bound) and returns a `Generator` whose `run(params, keys, prompt)` is a single compiled program:
 the whole generation of a batch, `lax.scan`/`lax.while_loop` inside. Row i of a batch depends on
 `keys[i]` only (`sample_keys(seed, start, n)` gives sample i the key `fold_in(seed, i)`), so a
 sample does not depend on the batch it was drawn in.
@@ -19,14 +19,20 @@ import jax.numpy as jnp
 
 from dlm_jax.config import ConfigError, SamplingConfig
 from dlm_jax.methods.ar import Autoregressive
+from dlm_jax.methods.ctmc import ContinuousTimeELBO
 from dlm_jax.methods.d3pm import DiscreteTime
 from dlm_jax.methods.masked import Masked
+from dlm_jax.methods.sedd import ScoreEntropy
 from dlm_jax.samplers import masked as masked_samplers
+from dlm_jax.samplers import score as score_samplers
 from dlm_jax.samplers.block import BLOCK_SAMPLERS, generate_ar, generate_blocks
 
 # MDLM (one block): the samplers of `samplers.masked`; "confidence" / "margin" / "entropy" are
 # confidence-ordered parallel decoding by that score.
 MDLM_SAMPLERS = ("ancestral", "first_hitting", "confidence", "margin", "entropy")
+# SEDD: Tweedie ("analytic") or Euler τ-leaping; CTMC: τ-leaping, "pc" with one corrector step.
+SEDD_SAMPLERS = ("analytic", "euler")
+CTMC_SAMPLERS = ("tau_leaping", "pc")
 
 Array = jax.Array
 
@@ -75,6 +81,9 @@ def make_generator(exp, sampling: SamplingConfig) -> Generator:
 
     if isinstance(method, Masked) and not method.blocks:
         return _mdlm_generator(exp, sampling, name, length, kw)
+
+    if isinstance(method, (ScoreEntropy, ContinuousTimeELBO)):
+        return _score_generator(exp, sampling, sampling.sampler, length)
 
     if isinstance(method, DiscreteTime):
         if name not in ("ancestral",):
@@ -153,6 +162,46 @@ def _mdlm_generator(exp, sampling, name, length, kw) -> Generator:
                 **common)
         return {"tokens": tokens, "lengths": jnp.full(tokens.shape[:1], length, jnp.int32),
                 "nfe": nfe.max()}
+    return Generator(name, steps, length, length, jax.jit(run))
+
+
+def _score_generator(exp, sampling, name, length) -> Generator:
+    """SEDD (log-score denoiser) and the CTMC bound (x0 denoiser), whole sequences; a prompt is
+    clamped (with σ̄ = 0 at its positions for a uniform process, which is exact)."""
+    method, cfg = exp.method, exp.cfg
+    sedd = isinstance(method, ScoreEntropy)
+    names = SEDD_SAMPLERS if sedd else CTMC_SAMPLERS
+    name = names[0] if name == "auto" else name
+    if name not in names:
+        raise ConfigError(f"config.sampling.sampler={name!r} does not fit {method.name}; choose "
+                          f"one of {list(names)} (or 'auto')")
+    if getattr(method, "blocks", False):
+        raise ConfigError(f"sampling {method.name} with blocks (diffusion.block_size < "
+                          f"data.seq_len) is not available yet")
+    if length > cfg.data.seq_len:
+        raise ConfigError(f"config.sampling.length={length} is longer than the model's length "
+                          f"data.seq_len={cfg.data.seq_len}")
+    steps = sampling.steps or length
+    uniform = getattr(method.process, "mask_id", None) is None
+
+    def run(params, keys, prompt):
+        fn = method.denoiser(exp.model(params))
+        clamp = None
+        if prompt is not None:
+            known = jnp.broadcast_to(jnp.arange(length) < prompt.shape[1], (keys.shape[0], length))
+            tokens = jnp.zeros((keys.shape[0], length), jnp.int32).at[:, :prompt.shape[1]].set(
+                prompt)
+            clamp = (known, tokens)
+        kw = dict(steps=steps, clamp=clamp, clean_clamp=clamp is not None and uniform)
+        if sedd:
+            x = score_samplers.sedd_sample(fn, method.process, method.schedule, keys, length,
+                                           predictor=name, **kw)
+        else:
+            x = score_samplers.ctmc_sample(fn, method.process, method.schedule, keys, length,
+                                           corrector_steps=1 if name == "pc" else 0, **kw)
+        nfe = steps * (2 if name == "pc" else 1) + 1
+        return {"tokens": x, "lengths": jnp.full(x.shape[:1], length, jnp.int32),
+                "nfe": jnp.int32(nfe)}
     return Generator(name, steps, length, length, jax.jit(run))
 
 

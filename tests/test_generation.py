@@ -131,7 +131,9 @@ def test_generative_perplexity_equals_the_direct_nll(runs):
 
 @pytest.mark.parametrize("family,sampler", [("mdlm", "ancestral"), ("mdlm", "first_hitting"),
                                             ("mdlm", "margin"), ("d3pm", "auto"),
-                                            ("bd3lm,block=8", "first_hitting")])
+                                            ("bd3lm,block=8", "first_hitting"),
+                                            ("sedd", "auto"), ("sedd,process=uniform", "euler"),
+                                            ("ctmc", "pc")])
 def test_every_family_samples(family, sampler):
     """Fresh parameters, the family's samplers through `generate_samples`: every position is a
     real token, the prompt is kept (where the family takes one), batch-independent rows."""
