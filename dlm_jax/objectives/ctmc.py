@@ -128,7 +128,7 @@ def _model_log(x: Array, on: Array) -> Array:
     return jnp.where(on, jnp.log(jnp.where(on, x, 1.0)), 0.0)
 
 
-def _rate_out(process: Process, x: Array) -> Array:
+def rate_out(process: Process, x: Array) -> Array:
     """Q[x, ·], the rates out of x (..., S), diagonal included (row convention)."""
     if hasattr(process, "rate_out"):
         return process.rate_out(x)
@@ -260,7 +260,7 @@ def ctmc_elbo_given_xt(process: Process, denoise_fn: DenoiseFn, x0: Array, xt: A
     ratio_nb = score_from_x0(process, own, y_grid, sb[..., None])           # (B, L, S, S)
     back = jnp.take_along_axis(ratio_nb, xt[:, :, None, None], -1)[..., 0]  # ŝ_{x^{d←y}}(x^d)
 
-    fwd = sg[..., None] * _rate_out(process, xt).astype(rates.dtype) * (1 - hot)  # R(x, x^{d←y})
+    fwd = sg[..., None] * rate_out(process, xt).astype(rates.dtype) * (1 - hot)  # R(x, x^{d←y})
     q0 = process.transition(x0, sb).astype(rates.dtype)                    # q(· | x0^d)
     q_cur = (q0 * hot).sum(-1, keepdims=True)                               # q(x^d | x0^d)
     on = fwd > 0
@@ -381,7 +381,7 @@ def sample_jump(key: Array, process: Process, xt: Array) -> Array:
     b, length = xt.shape
     s = process.num_states
     hot = jax.nn.one_hot(xt, s, dtype=bool)
-    rates = jnp.where(hot, 0.0, _rate_out(process, xt)).reshape(b, length * s)
+    rates = jnp.where(hot, 0.0, rate_out(process, xt)).reshape(b, length * s)
     logits = jnp.where(rates > 0, jnp.log(jnp.where(rates > 0, rates, 1.0)), -jnp.inf)
     idx = jax.random.categorical(key, logits, axis=-1)
     d, y = idx // s, (idx % s).astype(xt.dtype)

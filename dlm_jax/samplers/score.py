@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.methods.base import Denoiser
-from dlm_jax.objectives.ctmc import _rate_out, x0_reverse_rate
+from dlm_jax.objectives.ctmc import rate_out, x0_reverse_rate
 from dlm_jax.samplers import categorical
 from dlm_jax.samplers.steps import row_keys
 
@@ -348,7 +348,7 @@ def _ctmc_run(fn, process, schedule, length, steps, corrector_steps, corrector_s
 
         def one(x, j):
             rates = _reverse_rates(process, fn, noise, x, sb_s, sg_s)
-            rates = rates + sg_s * _rate_out(process, x).astype(jnp.float32)
+            rates = rates + sg_s * rate_out(process, x).astype(jnp.float32)
             keys_j = jax.vmap(lambda k: jax.random.fold_in(k, j + 1))(step_keys)
             x = _draw(keys_j, leap_weights(x, rates, corrector_size * h), x)
             return _apply_clamp(x, clamp), None
