@@ -107,10 +107,7 @@ def make_generator(exp, sampling: SamplingConfig) -> Generator:
         if name not in BLOCK_SAMPLERS:
             raise ConfigError(f"config.sampling.sampler={name!r} does not fit {method.name}; "
                               f"choose one of {list(BLOCK_SAMPLERS)} (or 'auto')")
-        block_len = method.block_size if method.blocks else length
-        if not method.blocks and length > cfg.data.seq_len:
-            raise ConfigError(f"config.sampling.length={length} is longer than the MDLM model's "
-                              f"length data.seq_len={cfg.data.seq_len}")
+        block_len = method.block_size  # BD3-LM: any multiple of the block (the cache slides)
         if length % block_len:
             raise ConfigError(f"config.sampling.length={length} must be a multiple of the block "
                               f"size {block_len}")
