@@ -25,7 +25,8 @@ from dlm_jax.methods.masked import Masked
 from dlm_jax.methods.sedd import ScoreEntropy
 from dlm_jax.samplers import masked as masked_samplers
 from dlm_jax.samplers import score as score_samplers
-from dlm_jax.samplers.block import BLOCK_SAMPLERS, generate_ar, generate_blocks
+from dlm_jax.samplers.block import (BLOCK_SAMPLERS, generate_ar, generate_blocks,
+                                    generate_score_blocks)
 
 # MDLM (one block): the samplers of `samplers.masked`; "confidence" / "margin" / "entropy" are
 # confidence-ordered parallel decoding by that score.
@@ -172,9 +173,8 @@ def _score_generator(exp, sampling, name, length) -> Generator:
     if name not in names:
         raise ConfigError(f"config.sampling.sampler={name!r} does not fit {method.name}; choose "
                           f"one of {list(names)} (or 'auto')")
-    if getattr(method, "blocks", False):
-        raise ConfigError(f"sampling {method.name} with blocks (diffusion.block_size < "
-                          f"data.seq_len) is not available yet")
+    if sedd and method.blocks:
+        return _sedd_blocks_generator(exp, sampling, name, length)
     if length > cfg.data.seq_len:
         raise ConfigError(f"config.sampling.length={length} is longer than the model's length "
                           f"data.seq_len={cfg.data.seq_len}")
@@ -200,6 +200,24 @@ def _score_generator(exp, sampling, name, length) -> Generator:
         return {"tokens": x, "lengths": jnp.full(x.shape[:1], length, jnp.int32),
                 "nfe": jnp.int32(nfe)}
     return Generator(name, steps, length, length, jax.jit(run))
+
+
+def _sedd_blocks_generator(exp, sampling, name, length) -> Generator:
+    """Block diffusion with score entropy: block by block through the KV cache, SEDD inside."""
+    method = exp.method
+    lb = method.block_size
+    if length % lb:
+        raise ConfigError(f"config.sampling.length={length} must be a multiple of the block "
+                          f"size {lb}")
+    steps = sampling.steps or lb
+    eos = exp.tokenizer.eos_id if (sampling.stop_at_eos and exp.tokenizer is not None) else None
+
+    def run(params, keys, prompt):
+        dec = method.block_decoder(exp.model(params), length, cached=sampling.kv_cache)
+        return generate_score_blocks(dec, keys, length=length, block_len=lb, steps=steps,
+                                     process=method.process, schedule=method.schedule,
+                                     predictor=name, prompt=prompt, eos_id=eos)
+    return Generator(name, steps, length, lb, jax.jit(run))
 
 
 def encode_prompt(exp, text: str | None, batch: int, sampler: str) -> Any:

@@ -133,7 +133,8 @@ def test_generative_perplexity_equals_the_direct_nll(runs):
                                             ("mdlm", "margin"), ("d3pm", "auto"),
                                             ("bd3lm,block=8", "first_hitting"),
                                             ("sedd", "auto"), ("sedd,process=uniform", "euler"),
-                                            ("ctmc", "pc")])
+                                            ("ctmc", "pc"),
+                                            ("sedd,block=8,process=uniform", "auto")])
 def test_every_family_samples(family, sampler):
     """Fresh parameters, the family's samplers through `generate_samples`: every position is a
     real token, the prompt is kept (where the family takes one), batch-independent rows."""

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.masks import block_causal_mask
+from dlm_jax.samplers.block import BlockDecoder
 from dlm_jax.processes import corruption
 from dlm_jax.processes.schedules import Schedule
 
@@ -182,6 +183,66 @@ class ContinuousTime(Method):
             mask = block_causal_mask(xt.shape[1], self.block_size) if self.blocks else None
             return model(xt, sigma_bar, mask=mask)
         return raw
+
+    def block_decoder(self, model, length: int, *, cached: bool = True,
+                      window: int | None = None) -> BlockDecoder:
+        """The model block by block (`samplers.block`), for sequences of `length` tokens:
+        `log_probs` gives `block_output` of the block given the committed prefix (SUBS log-probs
+        for masked diffusion, log-scores for SEDD); `commit` returns the raw outputs.
+
+        cached: a KV cache of the committed clean blocks (`DiT.decode_block`), committed with
+        σ̄ = 0 like the clean half of two-pass training; only the current block's queries are
+        computed. `window` (default min(length, seq_len), a multiple of the block) bounds the
+        cache: longer generations slide it. Exact (equal to the uncached twin) within the window
+        when time conditioning is off or per-token.
+        cached=False: the twin that recomputes the whole sequence at every call under the
+        block-causal mask (future blocks masked out), up to the training length.
+        """
+        lb = self.block_size
+        fill = self.process.mask_id if self.process.mask_id is not None else 0
+
+        if cached:
+            w = window or min(length, self.seq_len)
+            if w % lb:
+                raise ValueError(f"the KV cache window {w} must be a multiple of the block size "
+                                 f"{lb}")
+
+            def log_probs(block, sigma, cache):
+                raw = model.decode_block(block, sigma, cache, commit=False)[0]
+                return self.block_output(raw, block, sigma)
+
+            def commit(block, cache):
+                zero = jnp.zeros((block.shape[0],), jnp.float32)
+                return model.decode_block(block, zero, cache, commit=True)
+            return BlockDecoder(lambda b: model.init_cache(b, w), log_probs, commit)
+
+        mask = block_causal_mask(length, lb)
+
+        def full(block, sigma, cache):
+            tokens, start = cache
+            x = jax.lax.dynamic_update_slice_in_dim(tokens, block, start, axis=1)
+            sigma = jnp.asarray(sigma, jnp.float32)  # (B,) or per token (B, Lb)
+            block_sig = jnp.broadcast_to(sigma[:, None] if sigma.ndim == 1 else sigma, block.shape)
+            sig = jax.lax.dynamic_update_slice_in_dim(  # the clean prefix (and future) at 0
+                jnp.zeros(tokens.shape, jnp.float32), block_sig, start, axis=1)
+            logits = model(x, sig, mask=mask)
+            return jax.lax.dynamic_slice_in_dim(logits, start, block.shape[1], axis=1), x
+
+        def log_probs_full(block, sigma, cache):
+            return self.block_output(full(block, sigma, cache)[0], block, sigma)
+
+        def commit_full(block, cache):
+            raw, x = full(block, jnp.zeros((block.shape[0],), jnp.float32), cache)
+            return raw, (x, cache[1] + block.shape[1])
+
+        return BlockDecoder(
+            lambda b: (jnp.full((b, length), fill, jnp.int32), jnp.int32(0)),
+            log_probs_full, commit_full,
+            max_tokens=min(length, self.seq_len) if self.blocks else length)
+
+    def block_output(self, raw: Array, block: Array, sigma_bar: Array) -> Array:
+        """What a block decoder returns for raw outputs (B, Lb, S) of a block (B, Lb)."""
+        raise NotImplementedError
 
     def flops_per_token(self, *, num_params, depth, width, seq_len):
         if not self.blocks:

@@ -57,6 +57,9 @@ class ScoreEntropy(ContinuousTime):
         return score_entropy(self.process, self.log_score(raw, xt, sigma_bar), xt, x0, sigma_bar,
                              self.schedule.sigma(t))
 
+    def block_output(self, raw, block, sigma_bar):
+        return self.log_score(raw, block, sigma_bar)
+
     def denoiser(self, model) -> Denoiser:
         raw = self.raw_fn(model)
         return Denoiser("log_score", lambda xt, sigma_bar: self.log_score(raw(xt, sigma_bar), xt,

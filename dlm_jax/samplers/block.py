@@ -16,7 +16,8 @@ The outer loop is a `lax.while_loop`, so generation stops as soon as every row i
 
 A `BlockDecoder` is a plain triple of functions over a cache pytree, so the same loop runs the
 KV-cached model, its uncached twin (the prefix recomputed at every step under the block-causal
-mask) and an exact oracle. Shapes: B batch, L length, Lb block length, S states.
+mask) and an exact oracle. `generate_score_blocks` runs the same outer loop with SEDD's samplers
+inside a block (block diffusion with score entropy, over an absorbing or a uniform process). Shapes: B batch, L length, Lb block length, S states.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from dlm_jax.samplers.steps import ancestral_step, first_hitting_step, row_keys
 Array = jax.Array
 
 BLOCK_SAMPLERS = ("ancestral", "first_hitting")
+FREE = -1  # a not-yet-generated position (score-based block sampling; never a token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +43,9 @@ class BlockDecoder:
     init(batch) -> cache: the empty cache.
     log_probs(block (B, Lb) int32, sigma_bar (B,), cache) -> (B, Lb, S): for diffusion the SUBS
       log p_θ(x_0 | x_t) of the block given the committed prefix; the cache is only read.
-    commit(block (B, Lb), cache) -> (log_probs (B, Lb, S), cache): append the clean block; the
-      log-probs of that call (for AR: the next-token distributions at the block's positions).
+    commit(block (B, Lb), cache) -> (outputs (B, Lb, S), cache): append the clean block; the
+      outputs of that call (AR: the next-token log-probs at the block's positions; diffusion
+      decoders return raw outputs, which the samplers do not use).
     max_tokens: the longest sequence it can produce (None: any, e.g. a sliding-window cache).
     """
 
@@ -159,29 +162,69 @@ def generate_blocks(decoder: BlockDecoder, keys: Array, *, length: int, block_le
         (x, _, _, _, nfe), _ = jax.lax.scan(step, init, jnp.arange(inner))
         return x, nfe
 
+    tokens = _initial_tokens(B, length, mask_id, prompt)
+    return _block_loop(decoder, keys, tokens, block_len, P, denoise_block, eos_id=eos_id,
+                       stop_entropy=stop_entropy, entropy_window=entropy_window, num_states=S)
+
+
+def _block_loop(decoder, keys, tokens, block_len, prompt_len, denoise_block, *, eos_id,
+                stop_entropy, entropy_window, num_states) -> dict[str, Array]:
+    """The outer loop over blocks: denoise (`denoise_block(x, cache, block_keys) -> (x, nfe)`),
+    commit, stop checks; blocks the prompt fills are committed as they are."""
+    B, length = tokens.shape
+    lb = block_len
+
     def body(carry):
         b, tokens, cache, lengths, nfe = carry
         start = b * lb
         x = jax.lax.dynamic_slice_in_dim(tokens, start, lb, axis=1)
-        block_keys = row_keys(keys, b)
-        x, n = jax.lax.cond(jnp.any(x == mask_id),
-                            lambda: denoise_block(x, cache, block_keys),
-                            lambda: (x, jnp.int32(0)))           # a block the prompt fills
+        x, n = jax.lax.cond(start + lb > prompt_len,
+                            lambda: denoise_block(x, cache, row_keys(keys, b)),
+                            lambda: (x, jnp.int32(0)))
         _, cache = decoder.commit(x, cache)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, x, start, axis=1)
-        lengths = _stop_lengths(tokens, start + lb, P, length, eos_id, stop_entropy,
-                                entropy_window, S, lengths)
+        lengths = _stop_lengths(tokens, start + lb, prompt_len, length, eos_id, stop_entropy,
+                                entropy_window, num_states, lengths)
         return b + 1, tokens, cache, lengths, nfe + n
 
     def cond(carry):
         b, _, _, lengths, _ = carry
-        return (b < K) & jnp.any(lengths == length)
+        return (b < length // lb) & jnp.any(lengths == length)
 
-    tokens = _initial_tokens(B, length, mask_id, prompt)
     init = (jnp.int32(0), tokens, decoder.init(B), jnp.full((B,), length, jnp.int32),
             jnp.int32(0))
     blocks, tokens, _, lengths, nfe = jax.lax.while_loop(cond, body, init)
     return {"tokens": tokens, "lengths": lengths, "nfe": nfe, "blocks": blocks}
+
+
+def generate_score_blocks(decoder: BlockDecoder, keys: Array, *, length: int, block_len: int,
+                          steps: int, process, schedule, predictor: str = "analytic",
+                          prompt: Array | None = None, eos_id: int | None = None,
+                          eps: float = 1e-5) -> dict[str, Array]:
+    """Block diffusion with a score-entropy (SEDD) model over any process: each block is drawn by
+    `samplers.score.sedd_sample` (Tweedie or Euler τ-leaping and the final denoising step) with
+    the block's log-scores given the committed clean prefix (`decoder.log_probs`); prompt
+    positions are clamped (with σ̄ = 0 there for a process without a mask, which is exact).
+
+    Returns {"tokens", "lengths", "nfe", "blocks"} as `generate_blocks`.
+    """
+    from dlm_jax.samplers import score
+    _check(decoder, length, block_len, prompt, steps)
+    B, lb = keys.shape[0], block_len
+    P = 0 if prompt is None else prompt.shape[1]
+    uniform = getattr(process, "mask_id", None) is None
+
+    def denoise_block(x, cache, block_keys):
+        known = x != FREE
+        clamp = (known, x) if P else None
+        out = score.sedd_sample(lambda xb, sb: decoder.log_probs(xb, sb, cache), process,
+                                schedule, block_keys, lb, steps=steps, predictor=predictor,
+                                eps=eps, clamp=clamp, clean_clamp=bool(P) and uniform)
+        return out, jnp.int32(steps + 1)
+
+    tokens = _initial_tokens(B, length, FREE, prompt)
+    return _block_loop(decoder, keys, tokens, lb, P, denoise_block, eos_id=eos_id,
+                       stop_entropy=None, entropy_window=0, num_states=process.num_states)
 
 
 def generate_ar(decoder: BlockDecoder, keys: Array, *, length: int, prompt: Array,
