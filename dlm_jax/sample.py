@@ -7,7 +7,8 @@ settings, NFE, seconds and tokens/s — to `--out` (default `<workdir>/samples_s
 
 Settings are the run's `sampling` config section, overridden by the flags below or by any
 `--config.sampling.KEY=VALUE`. Defaults per family: AR token by token from a document boundary;
-MDLM/BD3-LM ancestral with as many steps as the block has tokens.
+MDLM / BD3-LM ancestral and SEDD Tweedie τ-leaping with as many steps as the block has tokens;
+CTMC τ-leaping; D3PM ancestral over its T steps.
 """
 from __future__ import annotations
 

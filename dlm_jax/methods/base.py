@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.masks import block_causal_mask
-from dlm_jax.samplers.block import BlockDecoder
 from dlm_jax.processes import corruption
 from dlm_jax.processes.schedules import Schedule
+from dlm_jax.samplers.block import BlockDecoder
 
 Array = jax.Array
 Metrics = dict[str, Array]
