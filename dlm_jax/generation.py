@@ -1,10 +1,12 @@
 """From a trained `Experiment` and the `sampling` config section to one jitted generator.
 
-`make_generator(exp, sampling)` picks the family's sampler (`samplers.block` for AR and BD3-LM,
-`samplers.masked` for MDLM and D3PM, `samplers.score` for SEDD and the CTMC bound) and returns a `Generator` whose `run(params, keys, prompt)` is a single compiled program:
-the whole generation of a batch, `lax.scan`/`lax.while_loop` inside. Row i of a batch depends on
-`keys[i]` only (`sample_keys(seed, start, n)` gives sample i the key `fold_in(seed, i)`), so a
-sample does not depend on the batch it was drawn in.
+`make_generator(exp, sampling)` asks the method for its sampler (`Method.generator`, which
+picks one of the builders here: `samplers.block` for AR, BD3-LM and block SEDD,
+`samplers.masked` for MDLM and D3PM, `samplers.score` for SEDD and the CTMC bound). A
+`Generator`'s `run(params, keys, prompt)` is a single compiled program: the whole generation of
+a batch, `lax.scan`/`lax.while_loop` inside. Row i of a batch depends on `keys[i]` only
+(`sample_keys(seed, start, n)` gives sample i the key `fold_in(seed, i)`), so a sample does not
+depend on the batch it was drawn in.
 """
 from __future__ import annotations
 
@@ -18,11 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.config import ConfigError, SamplingConfig
-from dlm_jax.methods.ar import Autoregressive
-from dlm_jax.methods.ctmc import ContinuousTimeELBO
-from dlm_jax.methods.d3pm import DiscreteTime
-from dlm_jax.methods.masked import Masked
-from dlm_jax.methods.sedd import ScoreEntropy
 from dlm_jax.samplers import masked as masked_samplers
 from dlm_jax.samplers import score as score_samplers
 from dlm_jax.samplers.block import (BLOCK_SAMPLERS, generate_ar, generate_blocks,
@@ -56,90 +53,86 @@ def sample_keys(seed: int, start: int, count: int) -> Array:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + count))
 
 
-def default_sampler(method) -> str:
-    return "ar" if isinstance(method, Autoregressive) else "ancestral"
-
-
 def make_generator(exp, sampling: SamplingConfig) -> Generator:
-    """The jitted generator for `exp`'s family under `sampling`; ConfigError for a sampler that
-    does not fit the family or a length the model cannot produce."""
+    """The jitted generator for `exp`'s family under `sampling` (the method picks its builder
+    below: `Method.generator`); ConfigError for a sampler that does not fit the family or a
+    length the model cannot produce."""
+    return exp.method.generator(exp, sampling, sampling.length or exp.cfg.data.seq_len)
+
+
+def _resolve(sampling, names: tuple[str, ...], family: str) -> str:
+    """The sampler name: `sampling.sampler`, "auto" meaning names[0]; it must be in `names`."""
+    name = names[0] if sampling.sampler == "auto" else sampling.sampler
+    if name not in names:
+        raise ConfigError(f"config.sampling.sampler={name!r} does not fit {family}; choose one "
+                          f"of {list(names)} (or 'auto')")
+    return name
+
+
+def _truncation(sampling) -> dict:
+    return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+
+
+def _eos(exp, sampling) -> int | None:
+    return exp.tokenizer.eos_id if (sampling.stop_at_eos and exp.tokenizer is not None) else None
+
+
+def _check_length(exp, length: int, block_len: int | None = None) -> None:
+    """Whole-sequence samplers: at most the model's length; blocks: a multiple of the block."""
+    if block_len is None and length > exp.cfg.data.seq_len:
+        raise ConfigError(f"config.sampling.length={length} is longer than the "
+                          f"{exp.method.name} model's length data.seq_len={exp.cfg.data.seq_len}")
+    if block_len is not None and length % block_len:
+        raise ConfigError(f"config.sampling.length={length} must be a multiple of the block "
+                          f"size {block_len}")
+
+
+def _fixed_length(tokens: Array, length: int) -> Array:
+    return jnp.full(tokens.shape[:1], length, jnp.int32)
+
+
+def ar_generator(exp, sampling, length: int) -> Generator:
+    """AR: token by token through the KV cache (a window of the model's length)."""
     method, cfg = exp.method, exp.cfg
-    length = sampling.length or cfg.data.seq_len
-    name = default_sampler(method) if sampling.sampler == "auto" else sampling.sampler
-    kw = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-    eos = exp.tokenizer.eos_id if (sampling.stop_at_eos and exp.tokenizer is not None) else None
+    _resolve(sampling, ("ar",), "the AR family")
+    kw, eos = _truncation(sampling), _eos(exp, sampling)
 
-    if isinstance(method, Autoregressive):
-        if name != "ar":
-            raise ConfigError(f"config.sampling.sampler={name!r} does not fit the AR family; "
-                              f"use 'ar' (or 'auto')")
-
-        def run_ar(params, keys, prompt):
-            dec = method.block_decoder(exp.model(params), length, cached=sampling.kv_cache,
-                                       window=min(length, cfg.data.seq_len))
-            return generate_ar(dec, keys, length=length, prompt=prompt, eos_id=eos, **kw)
-        return Generator("ar", None, length, 1, jax.jit(run_ar))
-
-    if isinstance(method, Masked) and not method.blocks:
-        return _mdlm_generator(exp, sampling, name, length, kw)
-
-    if isinstance(method, (ScoreEntropy, ContinuousTimeELBO)):
-        return _score_generator(exp, sampling, sampling.sampler, length)
-
-    if isinstance(method, DiscreteTime):
-        if name not in ("ancestral",):
-            raise ConfigError(f"config.sampling.sampler={name!r} does not fit D3PM; use "
-                              f"'ancestral' (or 'auto')")
-        if length > cfg.data.seq_len:
-            raise ConfigError(f"config.sampling.length={length} is longer than the model's "
-                              f"length data.seq_len={cfg.data.seq_len}")
-        T = method.process.num_steps
-
-        def run_d3pm(params, keys, prompt):
-            if prompt is not None:
-                raise ConfigError("D3PM sampling takes no prompt")
-            tokens, nfe = masked_samplers.d3pm_ancestral(
-                method.reverse_log_probs(exp.model(params)), method.process, keys, length)
-            return {"tokens": tokens, "lengths": jnp.full(tokens.shape[:1], length, jnp.int32),
-                    "nfe": nfe.max()}
-        return Generator("ancestral", T, length, length, jax.jit(run_d3pm))
-
-    if isinstance(method, Masked):
-        if name not in BLOCK_SAMPLERS:
-            raise ConfigError(f"config.sampling.sampler={name!r} does not fit {method.name}; "
-                              f"choose one of {list(BLOCK_SAMPLERS)} (or 'auto')")
-        block_len = method.block_size  # BD3-LM: any multiple of the block (the cache slides)
-        if length % block_len:
-            raise ConfigError(f"config.sampling.length={length} must be a multiple of the block "
-                              f"size {block_len}")
-        steps = block_len if name == "first_hitting" else (sampling.steps or block_len)
-        skip = sampling.skip_unchanged and not cfg.model.time_conditioning
-
-        def run_blocks(params, keys, prompt):
-            dec = method.block_decoder(exp.model(params), length, cached=sampling.kv_cache)
-            return generate_blocks(
-                dec, keys, length=length, block_len=block_len, steps=steps,
-                mask_id=method.process.mask_id, schedule=method.schedule, sampler=name,
-                prompt=prompt, skip_unchanged=skip, eos_id=eos,
-                stop_entropy=sampling.stop_entropy or None,
-                entropy_window=min(256, length), num_states=method.process.num_states, **kw)
-        return Generator(name, steps, length, block_len, jax.jit(run_blocks))
-
-    raise ConfigError(f"sampling is not available yet for the {method.name} family "
-                      f"(objective {cfg.diffusion.objective!r})")
+    def run(params, keys, prompt):
+        dec = method.block_decoder(exp.model(params), length, cached=sampling.kv_cache,
+                                   window=min(length, cfg.data.seq_len))
+        return generate_ar(dec, keys, length=length, prompt=prompt, eos_id=eos, **kw)
+    return Generator("ar", None, length, 1, jax.jit(run))
 
 
-def _mdlm_generator(exp, sampling, name, length, kw) -> Generator:
+def bd3lm_generator(exp, sampling, length: int) -> Generator:
+    """BD3-LM: block by block (`samplers.block`); any multiple of the block (the cache slides)."""
+    method, cfg = exp.method, exp.cfg
+    name = _resolve(sampling, BLOCK_SAMPLERS, method.name)
+    block_len = method.block_size
+    _check_length(exp, length, block_len)
+    steps = block_len if name == "first_hitting" else (sampling.steps or block_len)
+    skip = sampling.skip_unchanged and not cfg.model.time_conditioning
+    kw, eos = _truncation(sampling), _eos(exp, sampling)
+
+    def run(params, keys, prompt):
+        dec = method.block_decoder(exp.model(params), length, cached=sampling.kv_cache)
+        return generate_blocks(
+            dec, keys, length=length, block_len=block_len, steps=steps,
+            mask_id=method.process.mask_id, schedule=method.schedule, sampler=name,
+            prompt=prompt, skip_unchanged=skip, eos_id=eos,
+            stop_entropy=sampling.stop_entropy or None,
+            entropy_window=min(256, length), num_states=method.process.num_states, **kw)
+    return Generator(name, steps, length, block_len, jax.jit(run))
+
+
+def mdlm_generator(exp, sampling, length: int) -> Generator:
     """MDLM: one bidirectional block through `samplers.masked`."""
     method, cfg = exp.method, exp.cfg
-    if name not in MDLM_SAMPLERS:
-        raise ConfigError(f"config.sampling.sampler={name!r} does not fit mdlm; choose one of "
-                          f"{list(MDLM_SAMPLERS)} (or 'auto')")
-    if length > cfg.data.seq_len:
-        raise ConfigError(f"config.sampling.length={length} is longer than the MDLM model's "
-                          f"length data.seq_len={cfg.data.seq_len}")
+    name = _resolve(sampling, MDLM_SAMPLERS, method.name)
+    _check_length(exp, length)
     steps = length if name == "first_hitting" else (sampling.steps or length)
     mask_id, timed = method.process.mask_id, cfg.model.time_conditioning
+    kw = _truncation(sampling)
 
     def run(params, keys, prompt):
         denoise = method.denoiser(exp.model(params))
@@ -158,26 +151,18 @@ def _mdlm_generator(exp, sampling, name, length, kw) -> Generator:
             tokens, nfe = masked_samplers.confidence_decode(
                 denoise, method.schedule, keys, length, mask_id, steps=steps, strategy=name,
                 **common)
-        return {"tokens": tokens, "lengths": jnp.full(tokens.shape[:1], length, jnp.int32),
-                "nfe": nfe.max()}
+        return {"tokens": tokens, "lengths": _fixed_length(tokens, length), "nfe": nfe.max()}
     return Generator(name, steps, length, length, jax.jit(run))
 
 
-def _score_generator(exp, sampling, name, length) -> Generator:
-    """SEDD (log-score denoiser) and the CTMC bound (x0 denoiser), whole sequences; a prompt is
-    clamped (with σ̄ = 0 at its positions for a uniform process, which is exact)."""
-    method, cfg = exp.method, exp.cfg
-    sedd = isinstance(method, ScoreEntropy)
-    names = SEDD_SAMPLERS if sedd else CTMC_SAMPLERS
-    name = names[0] if name == "auto" else name
-    if name not in names:
-        raise ConfigError(f"config.sampling.sampler={name!r} does not fit {method.name}; choose "
-                          f"one of {list(names)} (or 'auto')")
-    if sedd and method.blocks:
-        return _sedd_blocks_generator(exp, sampling, name, length)
-    if length > cfg.data.seq_len:
-        raise ConfigError(f"config.sampling.length={length} is longer than the model's length "
-                          f"data.seq_len={cfg.data.seq_len}")
+def score_generator(exp, sampling, length: int, *, denoiser: str) -> Generator:
+    """Whole sequences from a "log_score" (SEDD) or "x0_probs" (CTMC bound) denoiser through
+    `samplers.score`; a prompt is clamped (with σ̄ = 0 at its positions for a uniform process,
+    which is exact)."""
+    method = exp.method
+    sedd = denoiser == "log_score"
+    name = _resolve(sampling, SEDD_SAMPLERS if sedd else CTMC_SAMPLERS, method.name)
+    _check_length(exp, length)
     steps = sampling.steps or length
     uniform = getattr(method.process, "mask_id", None) is None
 
@@ -197,20 +182,18 @@ def _score_generator(exp, sampling, name, length) -> Generator:
             x = score_samplers.ctmc_sample(fn, method.process, method.schedule, keys, length,
                                            corrector_steps=1 if name == "pc" else 0, **kw)
         nfe = steps * (2 if name == "pc" else 1) + 1
-        return {"tokens": x, "lengths": jnp.full(x.shape[:1], length, jnp.int32),
-                "nfe": jnp.int32(nfe)}
+        return {"tokens": x, "lengths": _fixed_length(x, length), "nfe": jnp.int32(nfe)}
     return Generator(name, steps, length, length, jax.jit(run))
 
 
-def _sedd_blocks_generator(exp, sampling, name, length) -> Generator:
+def sedd_blocks_generator(exp, sampling, length: int) -> Generator:
     """Block diffusion with score entropy: block by block through the KV cache, SEDD inside."""
     method = exp.method
+    name = _resolve(sampling, SEDD_SAMPLERS, method.name)
     lb = method.block_size
-    if length % lb:
-        raise ConfigError(f"config.sampling.length={length} must be a multiple of the block "
-                          f"size {lb}")
+    _check_length(exp, length, lb)
     steps = sampling.steps or lb
-    eos = exp.tokenizer.eos_id if (sampling.stop_at_eos and exp.tokenizer is not None) else None
+    eos = _eos(exp, sampling)
 
     def run(params, keys, prompt):
         dec = method.block_decoder(exp.model(params), length, cached=sampling.kv_cache)
@@ -218,6 +201,22 @@ def _sedd_blocks_generator(exp, sampling, name, length) -> Generator:
                                      process=method.process, schedule=method.schedule,
                                      predictor=name, prompt=prompt, eos_id=eos)
     return Generator(name, steps, length, lb, jax.jit(run))
+
+
+def d3pm_generator(exp, sampling, length: int) -> Generator:
+    """D3PM: ancestral over all T steps (`samplers.masked.d3pm_ancestral`); no prompt."""
+    method = exp.method
+    _resolve(sampling, ("ancestral",), "D3PM")
+    _check_length(exp, length)
+    T = method.process.num_steps
+
+    def run(params, keys, prompt):
+        if prompt is not None:
+            raise ConfigError("D3PM sampling takes no prompt")
+        tokens, nfe = masked_samplers.d3pm_ancestral(
+            method.reverse_log_probs(exp.model(params)), method.process, keys, length)
+        return {"tokens": tokens, "lengths": _fixed_length(tokens, length), "nfe": nfe.max()}
+    return Generator("ancestral", T, length, length, jax.jit(run))
 
 
 def encode_prompt(exp, text: str | None, batch: int, sampler: str) -> Any:

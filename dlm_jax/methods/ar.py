@@ -31,6 +31,10 @@ class Autoregressive(Method):
         return Denoiser("next_token_log_probs",
                         lambda tokens: jax.nn.log_softmax(model(tokens, None), axis=-1))
 
+    def generator(self, exp, sampling, length):
+        from dlm_jax.generation import ar_generator
+        return ar_generator(exp, sampling, length)
+
     def block_decoder(self, model, length: int, *, cached: bool = True,
                       window: int | None = None) -> BlockDecoder:
         """The model token by token (`samplers.block.generate_ar`): commit(token) returns the

@@ -94,6 +94,12 @@ class Method:
     def denoiser(self, model) -> Denoiser:
         raise NotImplementedError
 
+    def generator(self, exp, sampling, length: int):
+        """The family's jitted sampler (`dlm_jax.generation.Generator`) for `length` tokens."""
+        from dlm_jax.config import ConfigError
+        raise ConfigError(f"sampling is not available yet for the {self.name} family "
+                          f"(objective {exp.cfg.diffusion.objective!r})")
+
     def flops_per_token(self, *, num_params: int, depth: int, width: int, seq_len: int) -> float:
         """6·N for the matmuls (forward + backward) plus attention over all L keys."""
         return 6.0 * num_params + attention_flops(depth, width, seq_len)

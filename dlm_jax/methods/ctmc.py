@@ -77,6 +77,10 @@ class ContinuousTimeELBO(Method):
         loss = token_mean(values, batch)
         return loss, {"loss": loss}
 
+    def generator(self, exp, sampling, length):
+        from dlm_jax.generation import score_generator
+        return score_generator(exp, sampling, length, denoiser="x0_probs")
+
     def denoiser(self, model) -> Denoiser:
         return Denoiser("x0_probs", lambda xt, sigma_bar: self.x0_probs(model(xt, sigma_bar), xt))
 

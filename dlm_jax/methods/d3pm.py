@@ -49,6 +49,10 @@ class DiscreteTime(Method):
         return Denoiser("x0_log_probs", lambda xt, t: self.process.x0_log_probs(
             model(xt, jnp.asarray(t, jnp.float32))))
 
+    def generator(self, exp, sampling, length):
+        from dlm_jax.generation import d3pm_generator
+        return d3pm_generator(exp, sampling, length)
+
     def reverse_log_probs(self, model):
         """fn(xt (B, L), t (B,) int) -> log p_θ(x_{t-1} | x_t) (B, L, S), x0-parameterised."""
         return lambda xt, t: self.process.reverse_log_probs(
