@@ -17,7 +17,8 @@ The outer loop is a `lax.while_loop`, so generation stops as soon as every row i
 A `BlockDecoder` is a plain triple of functions over a cache pytree, so the same loop runs the
 KV-cached model, its uncached twin (the prefix recomputed at every step under the block-causal
 mask) and an exact oracle. `generate_score_blocks` runs the same outer loop with SEDD's samplers
-inside a block (block diffusion with score entropy, over an absorbing or a uniform process). Shapes: B batch, L length, Lb block length, S states.
+inside a block (block diffusion with score entropy, over an absorbing or a uniform process).
+Shapes: B batch, L length, Lb block length, S states.
 """
 from __future__ import annotations
 
@@ -121,8 +122,7 @@ def generate_blocks(decoder: BlockDecoder, keys: Array, *, length: int, block_le
     if sampler not in BLOCK_SAMPLERS:
         raise ValueError(f"unknown block sampler {sampler!r}; choose one of {BLOCK_SAMPLERS}")
     _check(decoder, length, block_len, prompt, steps)
-    B = keys.shape[0]
-    K, lb = length // block_len, block_len
+    B, lb = keys.shape[0], block_len
     P = 0 if prompt is None else prompt.shape[1]
     S = num_states or mask_id + 1
     inner = lb if sampler == "first_hitting" else steps
@@ -233,7 +233,8 @@ def generate_ar(decoder: BlockDecoder, keys: Array, *, length: int, prompt: Arra
     """Autoregressive generation token by token through `decoder` (commit returns next-token
     log-probs). prompt: (B, P ≥ 1) tokens (at least a BOS). keys: (B,), one per row.
 
-    Returns {"tokens": (B, length), "lengths": (B,), "nfe": int32[] (one call per token)}.
+    Returns {"tokens": (B, length), "lengths": (B,), "nfe": int32[] network calls (one per
+    position but the last, the prompt's included)}.
     """
     if prompt is None or prompt.shape[1] < 1:
         raise ValueError("AR generation needs a prompt of at least one token (e.g. BOS)")
@@ -255,4 +256,4 @@ def generate_ar(decoder: BlockDecoder, keys: Array, *, length: int, prompt: Arra
     (tokens, _), _ = jax.lax.scan(step, (tokens, decoder.init(B)), jnp.arange(length - 1))
     lengths = _stop_lengths(tokens, length, P, length, eos_id, None, 0, 1,
                             jnp.full((B,), length, jnp.int32))
-    return {"tokens": tokens, "lengths": lengths, "nfe": jnp.int32(length - P)}
+    return {"tokens": tokens, "lengths": lengths, "nfe": jnp.int32(length - 1)}
