@@ -2,9 +2,9 @@
 
 Saves the train state and the data position together, so a restarted run resumes at the
 exact step and the exact next batch. The data position is global (every host's iterator state
-merged, written once as JSON by host 0), so a checkpoint restores onto any number of hosts. Saves are asynchronous and atomic (orbax commits a step
-directory only once it is complete) and the newest `keep` steps are preserved, so no run loses a
-checkpoint it already wrote. Restoring onto a different mesh works: pass an abstract state whose
+merged, written once as JSON by host 0), so a checkpoint restores onto any number of hosts.
+Saves are asynchronous and atomic (orbax commits a step directory only once it is complete) and
+the newest `keep` steps are preserved, so no run loses a checkpoint it already wrote. Restoring onto a different mesh works: pass an abstract state whose
 leaves carry the new shardings.
 
 Faults: a newest checkpoint that cannot be restored (a truncated or corrupt file) is renamed
@@ -142,9 +142,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return step, restored.state
+        return step, self._restore(step, abstract_state, data=False)[0]
 
     def wait(self) -> None:
         """Wait for the pending save; CheckpointError if it failed."""
