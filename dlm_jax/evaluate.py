@@ -23,8 +23,10 @@ _EVALUATOR = flags.DEFINE_string("evaluator", None, "An AR run of dlm_jax that j
 flags.mark_flag_as_required("workdir")
 
 
-def evaluate_run(workdir: str, batches: int = 0) -> dict:
-    """Validation metrics of the newest checkpoint in `workdir` (see module docstring)."""
+def evaluate_run(workdir: str, batches: int = 0, samples: int = 0,
+                 evaluator: str | None = None) -> dict:
+    """Validation metrics of the newest checkpoint in `workdir` (see module docstring), and with
+    `samples` the generative metrics of that many samples under the AR run `evaluator`."""
     import jax
 
     from dlm_jax.evals import build_evaluators, restore_run, run_evaluators
@@ -36,28 +38,26 @@ def evaluate_run(workdir: str, batches: int = 0) -> dict:
     if exp.method.clip_search:
         lo, hi = (float(c) for c in jax.device_get(state.clip))
         out.update({"clip/beta_l": lo, "clip/beta_u": hi})
+    if samples:
+        out.update(_generative(exp, state, samples, evaluator))
     return out
 
 
-def generative_eval(workdir: str, samples: int, evaluator: str) -> dict:
+def _generative(exp, state, samples: int, evaluator: str) -> dict:
     """Generative perplexity under the AR run `evaluator`, unigram entropy, NFE and tokens/s of
-    `samples` samples of the run in `workdir` (its sampling settings). Writes nothing."""
+    `samples` samples from `state` (the run's sampling settings). Writes nothing."""
     import dataclasses
 
     from dlm_jax.evals import restore_run
     from dlm_jax.evals.generative import generative_perplexity
     from dlm_jax.generation import generate_samples
 
-    exp, _, _, state = restore_run(workdir)
-    params = state.ema_params if state.ema_params is not None else state.params
     sampling = dataclasses.replace(exp.cfg.sampling, num_samples=samples)
-    rows, summary = generate_samples(exp, params, sampling)
+    rows, summary = generate_samples(exp, state.eval_params, sampling)
     judge, _, judge_step, judge_state = restore_run(evaluator)
-    judge_params = (judge_state.ema_params if judge_state.ema_params is not None
-                    else judge_state.params)
     same = ((judge.cfg.data.tokenizer, judge.cfg.data.tokenizer_path)
             == (exp.cfg.data.tokenizer, exp.cfg.data.tokenizer_path))
-    gen = generative_perplexity(judge, judge_params, rows, same_tokenizer=same)
+    gen = generative_perplexity(judge, judge_state.eval_params, rows, same_tokenizer=same)
     return {**{f"gen/{k}": v for k, v in gen.items()}, "gen/samples": len(rows),
             "gen/sampler": summary["sampler"], "gen/steps": summary["steps"],
             "gen/nfe_per_batch": summary["nfe_per_batch"],
@@ -72,9 +72,8 @@ def main(argv) -> int:
               file=sys.stderr)
         return 2
     try:
-        metrics = evaluate_run(_WORKDIR.value, _BATCHES.value)
-        if _SAMPLES.value:
-            metrics.update(generative_eval(_WORKDIR.value, _SAMPLES.value, _EVALUATOR.value))
+        metrics = evaluate_run(_WORKDIR.value, _BATCHES.value, _SAMPLES.value,
+                               _EVALUATOR.value)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

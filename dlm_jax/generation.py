@@ -219,6 +219,13 @@ def d3pm_generator(exp, sampling, length: int) -> Generator:
     return Generator("ancestral", T, length, length, jax.jit(run))
 
 
+def document_boundary(exp) -> int:
+    """The token a document starts after in `exp`'s data: BOS when it has one, else EOS (0 for
+    the tokenizer-free Markov source)."""
+    tok = exp.tokenizer
+    return 0 if tok is None else (tok.bos_id if exp.cfg.data.add_bos else tok.eos_id)
+
+
 def encode_prompt(exp, text: str | None, batch: int, sampler: str) -> Any:
     """The (batch, P) int32 prompt: `text` encoded; AR without text starts at a document
     boundary (BOS when the data has one, else EOS); diffusion without text has none."""
@@ -228,7 +235,7 @@ def encode_prompt(exp, text: str | None, batch: int, sampler: str) -> Any:
             raise ConfigError("--prompt needs a tokenizer; this run's data has none (markov)")
         ids = list(tok.encode(text.encode() if isinstance(text, str) else text))
     elif sampler == "ar":
-        ids = [0] if tok is None else [tok.bos_id if exp.cfg.data.add_bos else tok.eos_id]
+        ids = [document_boundary(exp)]
     else:
         return None
     return jnp.asarray([ids] * batch, jnp.int32)
@@ -284,7 +291,7 @@ def sample_run(workdir: str, *, prompt: str | None = None, out: str | None = Non
     `<workdir>/samples_step<N>.jsonl`). `overrides(cfg)` edits the run's config first."""
     from dlm_jax.evals import restore_run
     exp, _, step, state = restore_run(workdir, overrides)
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = state.eval_params
     rows, summary = generate_samples(exp, params, exp.cfg.sampling, prompt, say)
     out = out or os.path.join(workdir, f"samples_step{step}.jsonl")
     keep = ("method", "sampler", "steps", "block", "nfe_per_batch", "tokens_per_s", "settings")

@@ -28,6 +28,11 @@ class TrainState:
     ema_params: Any
     clip: jax.Array
 
+    @property
+    def eval_params(self) -> Any:
+        """What evaluation and sampling use: the EMA parameters when kept, else the params."""
+        return self.ema_params if self.ema_params is not None else self.params
+
 
 def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to `lr` (counting steps from 1, as SEDD), then constant or cosine decay."""

@@ -79,8 +79,7 @@ def _print_samples(trainer, cfg) -> None:
 
     from dlm_jax.generation import generate_samples
     from dlm_jax.trainer import say
-    state = trainer.state
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = trainer.state.eval_params
     sampling = dataclasses.replace(cfg.sampling, num_samples=cfg.train.final_samples)
     rows, summary = generate_samples(trainer.exp, params, sampling)
     for row in rows:

@@ -159,3 +159,15 @@ def test_every_family_samples(family, sampler):
         assert len(r["tokens"]) == cfg.data.seq_len and max(r["tokens"]) < exp.token_vocab
         assert prompt is None or r["text"].startswith(prompt)
     assert summary["nfe_per_batch"] > 0
+
+
+def test_evaluate_with_samples_reports_generative_metrics(runs):
+    from dlm_jax.evaluate import evaluate_run
+    before = sorted(os.listdir(runs["bd3lm,block=8"]))
+    out = evaluate_run(runs["bd3lm,block=8"], batches=1, samples=2, evaluator=runs["ar"])
+    assert out["gen/samples"] == 2 and out["gen/sampler"] == "ancestral"
+    assert 1.0 < out["gen/gen_ppl"] < 1e4 and 0.0 < out["gen/entropy"] < np.log(258)
+    assert out["gen/scored_tokens"] > 0 and out["gen/nfe_per_batch"] > 0 and "val/loss" in out
+    assert sorted(os.listdir(runs["bd3lm,block=8"])) == before        # writes nothing
+    with pytest.raises(ValueError, match="the judge must be an AR run"):
+        evaluate_run(runs["ar"], batches=1, samples=1, evaluator=runs["bd3lm,block=8"])

@@ -24,7 +24,7 @@ def validation_batches(exp):
 def run_evaluators(evaluators, exp, state) -> tuple[dict, dict]:
     """Run `evaluators` in order on the state's EMA parameters (its parameters without EMA),
     sharing one pass over the validation batches; returns (metrics, state updates)."""
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = state.eval_params
     batches = validation_batches(exp)
     metrics, updates = {}, {}
     for evaluator in evaluators:

@@ -3,8 +3,8 @@
 Generative perplexity (as in SEDD, MDLM and BD3-LM, which use GPT-2 Large as the judge):
 exp(Σ NLL / Σ scored tokens) of the samples' tokens under an autoregressive model. Each sample
 is re-tokenized with the judge's tokenizer from its text (its token ids directly when both use
-the same tokenizer, or there is none), preceded by the judge's document-boundary token so every token is scored, and
-scored in windows of the judge's context with stride context/2 (each window scores only the
+the same tokenizer, or there is none), preceded by the judge's document-boundary token so every
+token is scored, and scored in windows of the judge's context with stride context/2 (each window scores only the
 tokens the previous one did not; the BD3-LM protocol). EOS tokens are not scored. Reported
 beside it: the mean per-sample unigram entropy in nats, since repetitive text fools the
 perplexity (low PPL, low entropy).
@@ -19,6 +19,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dlm_jax.generation import document_boundary
 
 
 def unigram_entropy(tokens: Sequence[int]) -> float:
@@ -68,7 +70,7 @@ def generative_perplexity(judge, params, samples: Sequence[dict], *, batch: int 
     if not judge.method.causal:
         raise ValueError(f"the judge must be an AR run, got method {judge.method.name!r}")
     tok, context = judge.tokenizer, judge.cfg.data.seq_len
-    boundary = 0 if tok is None else (tok.bos_id if judge.cfg.data.add_bos else tok.eos_id)
+    boundary = document_boundary(judge)
     eos = None if tok is None else tok.eos_id
     model_fn = jax.jit(lambda p, x: jax.nn.log_softmax(judge.model(p)(x, None), axis=-1))
     per_sample, entropies = [], []
