@@ -34,7 +34,9 @@ rows of each global batch; :func:`to_global` assembles the global ``jax.Array``.
 lay out all the data on every host (they are small) and slice each global batch. TFDS splits its
 records into ``data.streams`` fixed streams (record ``k::streams``), each shuffled, tokenized and
 packed on its own and contributing ``global_batch // streams`` rows to every batch; each host
-runs only its own streams, so hosts share the tokenization work.
+runs only its own streams, so hosts share the tokenization work. With ``repeat=False`` TFDS
+streams can run out at different batches on different hosts: multi-host evaluation should use
+``repeat=True`` and a fixed number of steps (as the trainer's does).
 
 The iterator position is ``{"streams": {name: grain state}}``; the states of all hosts merged
 (:func:`merge_states`) are one global position, which a pipeline on any number of hosts accepts
