@@ -126,8 +126,9 @@ def test_bd3lm_dit_kvcache():
     for layer in range(model.depth):
         packed = jnp.asarray(z[f"output/debug/kv_cache_layer{layer}"])
         their_k = apply_rotary(packed[:, :L, D:2 * D].reshape(B, L, H, D // H), cos, sin)
-        _close(cache.k[layer, :, :L], np.asarray(their_k))
-        _close(cache.v[layer, :, :L].reshape(B, L, D), np.asarray(packed[:, :L, 2 * D:]))
+        _close(jnp.swapaxes(cache.k[layer][:, :, :L], 1, 2), np.asarray(their_k))
+        _close(jnp.swapaxes(cache.v[layer][:, :, :L], 1, 2).reshape(B, L, D),
+               np.asarray(packed[:, :L, 2 * D:]))
 
 
 def test_sedd_ddit():

@@ -244,7 +244,7 @@ def test_kv_cache_equals_block_causal_forward(dit):
     clean, noisy, s = _tokens(7), _tokens(8), jnp.array([0.9, 0.2])
     K = L // BS
     cache, (noisy_logits, store_logits, lengths) = _decode_blockwise(dit, clean, noisy, s, BS, 24)
-    assert isinstance(cache, KVCache) and cache.k.shape == (2, B, 24, 4, 8)
+    assert isinstance(cache, KVCache) and len(cache.k) == 2 and cache.k[0].shape == (B, 4, 24, 8)
     np.testing.assert_array_equal(lengths, np.arange(K) * BS)          # commit=False: unchanged
     assert int(cache.length) == L
     mask = block_causal_mask(L, BS)
@@ -267,19 +267,19 @@ def test_kv_cache_slides_instead_of_overflowing(dit):
     cache, written = dit.init_cache(B, 8), []
     for i, blk in enumerate(blocks):
         _, cache = dit.decode_block(blk, s, cache, commit=True)
-        written.append((np.asarray(cache.k), np.asarray(cache.v), min(4 * i, 4)))
+        written.append((np.stack(cache.k), np.stack(cache.v), min(4 * i, 4)))
     assert int(cache.length) == 12 and bool(cache.valid().all())
     k1, v1, _ = written[1]
     k2, v2, _ = written[2]
-    np.testing.assert_array_equal(k2[:, :, :4], k1[:, :, 4:])   # commit 2 slid to slots 0-3
-    np.testing.assert_array_equal(v2[:, :, :4], v1[:, :, 4:])
-    assert np.abs(k2[:, :, 4:] - k1[:, :, 4:]).max() > 1e-3      # commit 3 in slots 4-7
+    np.testing.assert_array_equal(k2[..., :4, :], k1[..., 4:, :])   # commit 2 slid to slots 0-3
+    np.testing.assert_array_equal(v2[..., :4, :], v1[..., 4:, :])
+    assert np.abs(k2[..., 4:, :] - k1[..., 4:, :]).max() > 1e-3      # commit 3 in slots 4-7
     # commit 3's keys are rotated at its absolute positions 8-11: the same as writing it after
     # commit 2 into a cache that had room.
     roomy = dit.init_cache(B, 12)
     for blk in blocks:
         _, roomy = dit.decode_block(blk, s, roomy, commit=True)
-    np.testing.assert_allclose(k2, np.asarray(roomy.k)[:, :, 4:], atol=1e-6)
+    np.testing.assert_allclose(k2, np.stack(roomy.k)[..., 4:, :], atol=1e-6)
     with pytest.raises(ValueError, match="multiple of it; the window is 6"):
         dit.decode_block(blocks[0], s, dit.init_cache(B, 6), commit=True)
     with pytest.raises(TypeError, match="must be a Python bool"):

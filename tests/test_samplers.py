@@ -297,7 +297,8 @@ def oracle_score_decoder(joint, process, length):
     def log_score(block, sigma, cache):
         tokens, start = cache
         x = jax.lax.dynamic_update_slice_in_dim(tokens, block, start, axis=1)
-        ratios = oracles.exact_log_ratios(joint, process, x, sigma)
+        # sedd_sample steps every row on one time grid: one exact marginal serves the batch.
+        ratios = oracles.exact_log_ratios(joint, process, x, sigma[0])
         return jax.lax.dynamic_slice_in_dim(ratios, start, block.shape[1], axis=1)
 
     def commit(block, cache):

@@ -13,8 +13,11 @@ clamping). Within `max_len` total tokens the cache is exact; beyond it, it is th
 sliding-window approximation (the kept tokens' deeper-layer states were computed with their
 earlier context, as in the BD3-LM reference generator).
 
-Shapes: N depth (layers), B batch, W = max_len buffer slots, H heads, Dh head width.
-Slots [0, filled) are valid, in position order; the rest are ignored by attention.
+Shapes: N depth (layers), B batch, H heads, W = max_len buffer slots, Dh head width. Each layer
+has its own buffers (a tuple of N arrays, not one stacked array: slicing a layer out of a stacked
+buffer copies it on XLA:CPU), stored heads first, (B, H, W, Dh), the layout attention contracts
+them in, so a read copies nothing. Slots [0, filled) are valid, in position order; the rest
+are ignored.
 """
 from __future__ import annotations
 
@@ -27,27 +30,29 @@ Array = jax.Array
 
 @struct.dataclass
 class KVCache:
-    """k, v: (N, B, W, H, Dh) post-rotary keys / values; length: int32[] tokens committed so far
-    (the absolute position of the next token); slot j holds position length − filled + j."""
+    """k, v: N-tuples of (B, H, W, Dh) post-rotary keys / values, one per layer; length: int32[]
+    tokens committed so far (the absolute position of the next token); slot j holds position
+    length − filled + j."""
 
-    k: Array
-    v: Array
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
     length: Array
 
     @classmethod
     def zeros(cls, depth: int, batch: int, max_len: int, heads: int, head_dim: int,
               dtype=jnp.float32) -> "KVCache":
-        """An empty cache: zero buffers (N, B, max_len, H, Dh) of `dtype` and length 0."""
+        """An empty cache: N zero buffers (B, H, max_len, Dh) of `dtype` each, length 0."""
         if max_len < 1:
             raise ValueError(f"KV cache max_len must be >= 1, got {max_len}")
-        shape = (depth, batch, max_len, heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        shape = (batch, heads, max_len, head_dim)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(depth)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(depth)),
                    length=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
         """W, the static number of buffer slots (the window)."""
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
     @property
     def filled(self) -> Array:
@@ -58,21 +63,23 @@ class KVCache:
         """bool (W,): which slots hold a committed token."""
         return jnp.arange(self.max_len, dtype=jnp.int32) < self.filled
 
-    def append(self, k_new: Array, v_new: Array) -> "KVCache":
-        """Commit k_new/v_new (N, B, Lb, H, Dh) (post-rotary at positions length … length+Lb−1).
+    def append(self, k_new, v_new) -> "KVCache":
+        """Commit k_new/v_new: N per-layer (B, Lb, H, Dh) post-rotary keys / values at positions
+        length … length+Lb−1.
 
         If they do not fit after the valid slots, the buffer first slides left by Lb. Lb must
         divide W (checked statically), so a sliding buffer is always exactly full.
         """
-        lb, w = k_new.shape[2], self.max_len
+        lb, w = k_new[0].shape[1], self.max_len
         if lb > w or w % lb:
             raise ValueError(f"a commit of {lb} tokens needs a KV cache window that is a multiple "
                              f"of it; the window is {w}")
         full = self.filled + lb > w
-
-        k, v = jax.lax.cond(full, lambda kv: tuple(jnp.roll(a, -lb, axis=2) for a in kv),
+        k, v = jax.lax.cond(full, lambda kv: jax.tree.map(lambda a: jnp.roll(a, -lb, axis=2), kv),
                             lambda kv: kv, (self.k, self.v))
-        start = (0, 0, jnp.where(full, w - lb, self.filled), 0, 0)
-        return KVCache(k=jax.lax.dynamic_update_slice(k, k_new.astype(k.dtype), start),
-                       v=jax.lax.dynamic_update_slice(v, v_new.astype(v.dtype), start),
-                       length=self.length + jnp.int32(lb))
+        start = (0, 0, jnp.where(full, w - lb, self.filled), 0)
+
+        def write(buffers, new):  # new (B, Lb, H, Dh) -> heads first
+            return tuple(jax.lax.dynamic_update_slice(b, jnp.swapaxes(n, 1, 2).astype(b.dtype),
+                                                      start) for b, n in zip(buffers, new))
+        return KVCache(k=write(k, k_new), v=write(v, v_new), length=self.length + jnp.int32(lb))

@@ -277,12 +277,14 @@ def _score_dtype(q: Array) -> jnp.dtype:
     return jnp.promote_types(q.dtype, jnp.float32)
 
 
-def _scores(q: Array, k: Array, mask: Array | None) -> Array:
-    """Scaled scores (B, H, Lq, Lk) of q (B, Lq, H, Dh) against k (B, Lk, H, Dh) (`_score_dtype`).
+def _scores(q: Array, k: Array, mask: Array | None, *, heads_first: bool = False) -> Array:
+    """Scaled scores (B, H, Lq, Lk) of q (B, Lq, H, Dh) against k (B, Lk, H, Dh), or against
+    k (B, H, Lk, Dh) with `heads_first` (the KV cache's layout) (`_score_dtype`).
 
     Masked-out entries (mask bool (B|1, Lq, Lk) False) get a large negative score.
     """
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype),
+    spec = "bqhd,bhkd->bhqk" if heads_first else "bqhd,bkhd->bhqk"
+    s = jnp.einsum(spec, q, k.astype(q.dtype),
                    preferred_element_type=_score_dtype(q)) * (1.0 / math.sqrt(q.shape[-1]))
     return s if mask is None else jnp.where(mask[:, None], s, jnp.asarray(-1e30, s.dtype))
 
@@ -300,8 +302,11 @@ def _joint_softmax(*scores: Array) -> list[Array]:
     return [e / denom for e in exps]
 
 
-def _weighted_values(p: Array, v: Array) -> Array:
-    """p (B, H, Lq, Lk) probabilities, v (B, Lk, H, Dh) -> (B, Lq, H, Dh) in v's dtype."""
+def _weighted_values(p: Array, v: Array, *, heads_first: bool = False) -> Array:
+    """p (B, H, Lq, Lk) probabilities, v (B, Lk, H, Dh) (or (B, H, Lk, Dh) with `heads_first`)
+    -> (B, Lq, H, Dh) in v's dtype."""
+    if heads_first:  # contract into (B, H, Lq, Dh) first: XLA:CPU would otherwise transpose v
+        return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v), 1, 2)
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
 
 
@@ -309,13 +314,16 @@ def attend_with_prefix(q: Array, k_pre: Array, v_pre: Array, mask_pre: Array,
                        k: Array, v: Array, mask: Array | None) -> Array:
     """Attention of q over two key segments [prefix ; current] with one joint softmax.
 
-    Used by the KV cache so that the cached buffer is read in place (no concatenation copy).
-    q (B, Lq, H, Dh); k_pre/v_pre (B, Lp, H, Dh), mask_pre bool (B|1, Lq, Lp); k/v (B, Lk, H, Dh),
+    Used by the KV cache, whose buffer is read in place: no concatenation, and no transpose,
+    since it is stored heads first (the layout the score and value contractions want).
+    q (B, Lq, H, Dh); k_pre/v_pre (B, H, Lp, Dh), mask_pre bool (B|1, Lq, Lp); k/v (B, Lk, H, Dh),
     mask bool (B|1, Lq, Lk) or None (full). Every query row must be allowed at least one key.
     Returns (B, Lq, H, Dh) in q's dtype.
     """
-    p_pre, p_cur = _joint_softmax(_scores(q, k_pre, mask_pre), _scores(q, k, mask))
-    o = _weighted_values(p_pre, v_pre.astype(v.dtype)) + _weighted_values(p_cur, v)
+    p_pre, p_cur = _joint_softmax(_scores(q, k_pre, mask_pre, heads_first=True),
+                                  _scores(q, k, mask))
+    o = (_weighted_values(p_pre, v_pre.astype(v.dtype), heads_first=True)
+         + _weighted_values(p_cur, v))
     return o.astype(q.dtype)
 
 

@@ -152,7 +152,7 @@ class DiTBlock(nnx.Module):
                ) -> tuple[Array, Array, Array]:
         """One block for a decoding step over the cached prefix plus the current block.
 
-        h (B, Lb, D) float32; k_cache/v_cache (B, W, H, Dh) post-rotary keys and values;
+        h (B, Lb, D) float32; k_cache/v_cache (B, H, W, Dh) post-rotary keys and values;
         cache_mask bool (1, Lb, W) (slot valid); rope_block cos/sin (1, Lb, Dh) at the block's
         absolute positions; block_mask (1, Lb, Lb) or None (bidirectional within the block).
         Returns the new h (B, Lb, D) and the block's post-rotary k and its v (B, Lb, H, Dh).
@@ -377,7 +377,7 @@ class DiT(nnx.Module):
     # -- KV-cache decoding -------------------------------------------------------------------------
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        """Empty KVCache with buffers (N, B, max_len, H, Dh) of `dtype` and length 0."""
+        """Empty KVCache: N per-layer buffers (B, H, max_len, Dh) of `dtype`, length 0."""
         return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype)
 
     def decode_block(self, tokens: Array, sigma: Array | None, cache: KVCache, *,
@@ -410,7 +410,7 @@ class DiT(nnx.Module):
         logits = self.final(h, c)
         if not commit:
             return logits, cache
-        return logits, cache.append(jnp.stack(ks), jnp.stack(vs))
+        return logits, cache.append(ks, vs)
 
 
 # ---------------------------------------------------------------------------------------------
