@@ -7,6 +7,9 @@ Saves are asynchronous and atomic (orbax commits a step directory only once it i
 the newest `keep` steps are preserved, so no run loses a checkpoint it already wrote. Restoring onto a different mesh works: pass an abstract state whose
 leaves carry the new shardings.
 
+A checkpoint may also hold parameters alone (`save_params`: what `dlm_jax.convert` writes for
+imported weights): `is_params_only` tells them apart and `restore_params` reads them.
+
 Faults: a newest checkpoint that cannot be restored (a truncated or corrupt file) is renamed
 `<step>.unreadable` — kept, never deleted — and the next older one is tried; a save that fails
 (disk full, a read-only directory) raises `CheckpointError` naming the step and the directory,
@@ -144,6 +147,21 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return step, self._restore(step, abstract_state, data=False)[0]
 
+    def is_params_only(self, step: int) -> bool:
+        """Whether checkpoint `step` holds parameters alone (`save_params`), no train state."""
+        path = os.path.join(self.directory, str(step))
+        return (os.path.isdir(os.path.join(path, "params"))
+                and not os.path.isdir(os.path.join(path, "state")))
+
+    def restore_params(self, abstract_params: Any, step: int | None = None):
+        """Restore a `save_params` checkpoint into `abstract_params`' layout: (step, params)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+        return step, restored.params
+
     def wait(self) -> None:
         """Wait for the pending save; CheckpointError if it failed."""
         step, self._pending = self._pending, None
@@ -159,6 +177,20 @@ class Checkpointer:
             self.wait()
         finally:
             self._mngr.close()
+
+
+def save_params(directory: str, step: int, params: Any) -> None:
+    """Write `params` (a pytree of arrays, e.g. numpy) alone as checkpoint `step` of
+    `directory`, synchronously: no optimizer state, no data position."""
+    mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=False))
+    try:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory
+        raise CheckpointError(f"saving parameters to {directory} failed: {_first_line(e)}") from e
+    finally:
+        mngr.close()
 
 
 def global_data_state(data_iter) -> dict:

@@ -73,8 +73,14 @@ class ModelConfig:
     time_conditioning: bool = False
     token_conditioning: bool = True # with time conditioning and blocks: each block its own σ̄
     scale_by_sigma: bool = True     # SEDD absorbing log-score head: subtract log(expm1 σ̄)+log(S-1)
+    sigma_features: int = 256       # σ embedder: sinusoid features (cos first) …
+    sigma_max_period: float = 10000.0  # … with periods up to this
     compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
     remat: str = "none"              # none | block (recompute each block) | dots (keep matmul outputs)
+    arch: str = "dit"               # dit | gpt2 (AR only: learned positions, LN bias, tied head)
+    n_positions: int = 0            # gpt2: learned position table (0: data.seq_len; validate
+                                    # writes the resolved size back)
+    layer_norm_eps: float = 1e-5    # gpt2: eps of every LayerNorm
 
 
 @dataclasses.dataclass
@@ -130,6 +136,8 @@ class TrainConfig:
     tensorboard: bool = False
     profile_steps: tuple = ()       # (start, stop) to capture a jax.profiler trace
     final_samples: int = 0          # samples printed when training ends (sampling section)
+    init_from: str = ""             # a new run starts from the (EMA) params of this run's newest
+                                    # checkpoint (a trained run or a dlm_jax.convert import)
 
 
 @dataclasses.dataclass
@@ -248,6 +256,12 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     for key in ("width", "depth", "heads", "cond_dim", "mlp_ratio"):
         _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
+    _check(m.sigma_features >= 2, "model.sigma_features", m.sigma_features, "must be >= 2")
+    _check(m.sigma_max_period > 1.0, "model.sigma_max_period", m.sigma_max_period,
+           "must be > 1")
+    _choice("model.arch", m.arch, {"dit", "gpt2"})
+    _check(m.n_positions >= 0, "model.n_positions", m.n_positions, "must be >= 0 (0: data.seq_len)")
+    _check(m.layer_norm_eps > 0, "model.layer_norm_eps", m.layer_norm_eps, "must be > 0")
 
     _choice("diffusion.objective", df.objective, set(OBJECTIVES))
     _choice("diffusion.process", df.process, {"absorbing", "uniform"})
@@ -306,6 +320,17 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < sm.top_p <= 1.0, "sampling.top_p", sm.top_p, "must be in (0, 1]")
     _check(sm.temperature >= 0.0, "sampling.temperature", sm.temperature, "must be >= 0")
     _check(sm.stop_entropy >= 0.0, "sampling.stop_entropy", sm.stop_entropy, "must be >= 0")
+
+    if m.arch == "gpt2":
+        _check(df.objective == "ar", "model.arch", m.arch,
+               f"GPT-2 is causal: it needs diffusion.objective='ar', not {df.objective!r}")
+        _check(m.n_positions == 0 or m.n_positions >= d.seq_len, "model.n_positions",
+               m.n_positions, f"GPT-2's position table must cover data.seq_len={d.seq_len} "
+               f"(0: exactly that)")
+        # A derived size, written back so that config.json records the table the params have.
+        m.n_positions = m.n_positions or d.seq_len
+        _check((sm.length or d.seq_len) <= m.n_positions, "sampling.length", sm.length,
+               f"GPT-2 cannot generate past its n_positions={m.n_positions} learned positions")
     return cfg
 
 
@@ -348,7 +373,9 @@ def parse_arg(arg: str | None, *, positional: tuple[str, ...], options: dict[str
 RESUME_FIXED = (
     "model.size", "model.width", "model.depth", "model.heads", "model.cond_dim",
     "model.mlp_ratio", "model.time_conditioning", "model.token_conditioning",
-    "model.scale_by_sigma", "diffusion.objective", "diffusion.process", "diffusion.block_size",
+    "model.scale_by_sigma", "model.sigma_features", "model.sigma_max_period", "model.arch",
+    "model.n_positions", "model.layer_norm_eps",
+    "diffusion.objective", "diffusion.process", "diffusion.block_size",
     "diffusion.d3pm_steps", "diffusion.d3pm_schedule", "data.source", "data.tokenizer",
     "data.tokenizer_path", "data.markov_vocab",
 )

@@ -111,8 +111,14 @@ class TrainProgram:
         self.eval_step = jax.jit(make_eval_step(exp.method, exp.graphdef, cfg.train.seed),
                                  in_shardings=(exp.param_shardings, exp.batch_sharding, None))
 
-    def init(self) -> TrainState:
+    def init(self, params=None) -> TrainState:
+        """A fresh state: parameters from the config's seed, or `params` (a pure dict laid out
+        like `exp.abstract_params`, e.g. imported weights) with a fresh optimizer state."""
         exp, cfg = self.exp, self.exp.cfg
+        if params is not None:
+            return jax.jit(lambda p: init_state(p, self.tx, cfg.optim.ema_decay, self.clip),
+                           in_shardings=(exp.param_shardings,),
+                           out_shardings=self.state_shardings)(params)
 
         def init():
             params = nnx.to_pure_dict(nnx.split(exp.new_model(cfg.train.seed))[1])

@@ -70,6 +70,10 @@ class Trainer:
 
     # -- state and data -------------------------------------------------------------------------
     def init_state(self) -> TrainState:
+        """A fresh state; with `train.init_from`, its parameters come from that run."""
+        if self.cfg.train.init_from:
+            from dlm_jax.evals import initial_params
+            return self.program.init(initial_params(self.cfg.train.init_from, self.exp))
         return self.program.init()
 
     def train_iterator(self):

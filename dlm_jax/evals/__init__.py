@@ -7,6 +7,8 @@ iterator of global validation batches (shared, in order, by the evaluators of on
 """
 from __future__ import annotations
 
+import jax
+
 from dlm_jax.evals.clip_search import ClipSearch, clip_candidates
 from dlm_jax.evals.validation import Validation
 
@@ -58,7 +60,7 @@ def restore_run(workdir: str, overrides=None):
     import os
 
     from dlm_jax import registry
-    from dlm_jax.checkpoint import Checkpointer
+    from dlm_jax.checkpoint import Checkpointer, abstract_with_shardings
     from dlm_jax.config import Config
     from dlm_jax.state import make_optimizer
     from dlm_jax.steps import TrainProgram
@@ -77,7 +79,32 @@ def restore_run(workdir: str, overrides=None):
         raise FileNotFoundError(f"{ckpt_dir} not found: the run has no checkpoint yet")
     ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep, async_save=False, create=False)
     try:
-        step, state = ckpt.restore_state_only(program.abstract_state)
+        latest = ckpt.latest_step()
+        if latest is not None and ckpt.is_params_only(latest):  # imported weights
+            step, params = ckpt.restore_params(
+                abstract_with_shardings(exp.abstract_params, exp.param_shardings), latest)
+            state = program.init(params)
+        else:
+            step, state = ckpt.restore_state_only(program.abstract_state)
     finally:
         ckpt.close()
     return exp, program, step, state
+
+
+def initial_params(workdir: str, exp):
+    """The (EMA) parameters of the newest checkpoint of run `workdir` (`train.init_from`), placed
+    on `exp`'s parameter shardings. ConfigError lists every parameter that does not fit `exp`'s
+    model (missing, extra or another shape)."""
+    from dlm_jax.config import ConfigError
+    try:
+        _, _, step, state = restore_run(workdir)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config.train.init_from={workdir!r}: {e}") from None
+    from dlm_jax.models.convert import shape_problems
+    params = jax.device_get(state.eval_params)
+    problems = shape_problems(params, exp.abstract_params)
+    if problems:
+        raise ConfigError(f"config.train.init_from={workdir!r} (step {step}): its parameters do "
+                          f"not fit this model: " + "; ".join(problems[:8])
+                          + (f"; … {len(problems) - 8} more" if len(problems) > 8 else ""))
+    return jax.device_put(params, exp.param_shardings)

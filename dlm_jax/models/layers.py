@@ -133,19 +133,22 @@ class Embed(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """Weight-only LayerNorm (no bias), computed in float32, eps 1e-5, biased variance."""
+    """LayerNorm computed in float32, eps 1e-5, biased variance; weight only (the DiT) unless
+    `use_bias` (GPT-2), which adds a zero-initialised bias (D,)."""
 
-    def __init__(self, width: int, *, eps: float = LN_EPS, param_dtype: DType = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, width: int, *, eps: float = LN_EPS, use_bias: bool = False,
+                 param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
         self.eps = eps
         self.weight = make_param(rngs, ones, (width,), ("embed",), param_dtype)
+        self.bias = make_param(rngs, zeros, (width,), ("embed",), param_dtype) if use_bias else None
 
     def __call__(self, x: Array) -> Array:
         """(..., D) -> (..., D) float32."""
         x = x.astype(jnp.float32)
         mu = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-        return (x - mu) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+        y = (x - mu) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+        return y if self.bias is None else y + self.bias[...].astype(jnp.float32)
 
 
 def per_row(v: Array) -> Array:
@@ -201,8 +204,9 @@ class SigmaEmbedder(nnx.Module):
     """σ (B,) -> Linear_{F→C} → SiLU → Linear_{C→C}, float32 (the caller applies the outer SiLU)."""
 
     def __init__(self, cond_dim: int, *, features: int = SIGMA_FEATURES,
-                 param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
-        self.features = features
+                 max_period: float = SIGMA_MAX_PERIOD, param_dtype: DType = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.features, self.max_period = features, max_period
         self.fc1 = Dense(features, cond_dim, ("freq", "cond_hidden"), param_dtype=param_dtype,
                          rngs=rngs)
         self.fc2 = Dense(cond_dim, cond_dim, ("cond_hidden", "cond"), param_dtype=param_dtype,
@@ -210,7 +214,8 @@ class SigmaEmbedder(nnx.Module):
 
     def __call__(self, sigma: Array) -> Array:
         """(B,) -> (B, C) float32."""
-        return self.fc2(jax.nn.silu(self.fc1(sigma_features(sigma, self.features))))
+        return self.fc2(jax.nn.silu(self.fc1(sigma_features(sigma, self.features,
+                                                            self.max_period))))
 
 
 # ---------------------------------------------------------------------------------------------

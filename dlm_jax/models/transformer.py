@@ -42,7 +42,8 @@ from dlm_jax.masks import causal_mask
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
                                    Dense, TwoPassMask, apply_rotary, attend, attend_with_prefix,
-                                   dropout, modulate, per_row, rotary_cos_sin)
+                                   SIGMA_FEATURES, SIGMA_MAX_PERIOD, dropout, modulate, per_row,
+                                   rotary_cos_sin)
 
 Array = jax.Array
 
@@ -215,8 +216,9 @@ class DiT(nnx.Module):
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
                  cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                  causal: bool = False, time_conditioning: bool = False,
-                 token_conditioning: bool = True, remat: str = "none", dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 token_conditioning: bool = True, sigma_features: int = SIGMA_FEATURES,
+                 sigma_max_period: float = SIGMA_MAX_PERIOD, remat: str = "none",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
         self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
@@ -232,8 +234,9 @@ class DiT(nnx.Module):
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
-        self.sigma_map = (SigmaEmbedder(cond_dim, param_dtype=param_dtype, rngs=rngs)
-                          if self.adaln else None)
+        self.sigma_map = (SigmaEmbedder(cond_dim, features=sigma_features,
+                                        max_period=sigma_max_period, param_dtype=param_dtype,
+                                        rngs=rngs) if self.adaln else None)
         self.blocks = nnx.List([DiTBlock(width, heads, cond_dim, mlp_ratio=mlp_ratio,
                                          dropout=dropout, adaln=self.adaln, **kw)
                                 for _ in range(depth)])
@@ -424,18 +427,34 @@ def model_dims(cfg: ModelConfig) -> dict[str, int]:
                           f"{sorted(MODEL_SIZES)}")
     preset = dataclasses.asdict(MODEL_SIZES[cfg.size])
     dims = {k: (getattr(cfg, k) or preset[k]) for k in ("width", "depth", "heads", "cond_dim")}
-    if dims["width"] % dims["heads"] or (dims["width"] // dims["heads"]) % 2:
+    even = cfg.arch != "gpt2"  # rotary needs an even head width; GPT-2 has none
+    if dims["width"] % dims["heads"] or (even and (dims["width"] // dims["heads"]) % 2):
         raise ConfigError(f"config.model.width={dims['width']} must split into "
-                          f"config.model.heads={dims['heads']} heads of even width")
+                          f"config.model.heads={dims['heads']} heads"
+                          + (" of even width" if even else ""))
     return dims
 
 
-def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool, rngs: nnx.Rngs) -> DiT:
-    """The DiT (causal: the AR variant) described by the model section of a config."""
+def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool,
+                rngs: nnx.Rngs) -> nnx.Module:
+    """The DiT (causal: the AR variant), or with `arch="gpt2"` the `GPT2`, described by the
+    model section of a config (validated: `n_positions` resolved)."""
     dims = model_dims(cfg)
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+    if cfg.arch == "gpt2":
+        from dlm_jax.models.gpt2 import GPT2  # gpt2 imports this module
+        if not causal:
+            raise ConfigError("config.model.arch='gpt2' is causal: it needs the AR objective")
+        if cfg.n_positions < 1:
+            raise ConfigError(f"config.model.n_positions={cfg.n_positions} is unresolved: "
+                              f"config.validate sets 0 to data.seq_len")
+        return GPT2(vocab_size, dims["width"], dims["depth"], dims["heads"],
+                    n_positions=cfg.n_positions, mlp_hidden=cfg.mlp_ratio * dims["width"],
+                    layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout, remat=cfg.remat,
+                    dtype=dtype, rngs=rngs)
     return DiT(vocab_size, dims["width"], dims["depth"], dims["heads"], cond_dim=dims["cond_dim"],
                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=causal,
                time_conditioning=cfg.time_conditioning,
-               token_conditioning=cfg.token_conditioning, remat=cfg.remat, dtype=dtype,
+               token_conditioning=cfg.token_conditioning, sigma_features=cfg.sigma_features,
+               sigma_max_period=cfg.sigma_max_period, remat=cfg.remat, dtype=dtype,
                rngs=rngs)
