@@ -103,7 +103,7 @@ def main() -> None:
 def _cpu() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f if ":" in line)
+            info = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
         return " ".join(info[k].strip() for k in ("model name", "cpu family", "model"))
     except (OSError, KeyError):
         return "unknown"

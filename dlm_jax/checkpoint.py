@@ -179,13 +179,20 @@ class Checkpointer:
             self._mngr.close()
 
 
-def save_params(directory: str, step: int, params: Any) -> None:
-    """Write `params` (a pytree of arrays, e.g. numpy) alone as checkpoint `step` of
-    `directory`, synchronously: no optimizer state, no data position."""
-    mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=False))
+def save_params(directory: str, step: int, params: Any, *, in_flight_gb: float = 0.0625) -> None:
+    """Write `params` (a pytree of arrays) alone as checkpoint `step` of `directory`,
+    synchronously: no optimizer state, no data position. At most `in_flight_gb` of arrays are
+    being copied for writing at once, so a large import needs little memory beyond `params`."""
+    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=in_flight_gb,
+                                          use_ocdbt=False)
+    mngr = ocp.CheckpointManager(
+        os.path.abspath(directory), item_handlers={"params": handler},
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+    # The in-flight limit applies to jax arrays (numpy leaves would all be copied at once);
+    # callers that hold numpy should convert leaf by leaf first (`interop.to_device_leafwise`).
+    params = jax.tree.map(jax.device_put, params)
     try:
-        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params)))
         mngr.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - re-raised with the directory
         raise CheckpointError(f"saving parameters to {directory} failed: {_first_line(e)}") from e

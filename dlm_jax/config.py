@@ -398,6 +398,8 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     train state's structure (EMA or gradient clipping switched on or off)."""
     def norm(v):
         return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+    # A key an older version did not write has its default (what that version did).
+    old = Config.from_dict(old).to_dict()
     a = {k: norm(v) for k, v in _flatten(old).items()}
     b = {k: norm(v) for k, v in _flatten(new).items()}
     fixed, allowed = [], []

@@ -166,6 +166,18 @@ def import_config(family: str, settings: dict, config: dict | None, *, block_siz
     return cfg
 
 
+def to_device_leafwise(tree: dict) -> dict:
+    """Replace every numpy leaf of a nested dict by a jax array, one at a time, in place: the
+    numpy copy of a leaf is released before the next is converted (one copy of the parameters
+    at any time, not two)."""
+    import jax
+    for key, value in tree.items():
+        # Waiting for each transfer releases the numpy copy before the next one starts.
+        tree[key] = (to_device_leafwise(value) if isinstance(value, dict)
+                     else jax.block_until_ready(jax.device_put(value)))
+    return tree
+
+
 def import_checkpoint(family: str, checkpoint: str, out: str, *, heads=None, block_size=None,
                       seq_len=None, tokenizer=None, tokenizer_path=None, sets=(),
                       unsafe_pickle=False) -> dict:
@@ -181,6 +193,7 @@ def import_checkpoint(family: str, checkpoint: str, out: str, *, heads=None, blo
         raise ValueError(f"{out} already has checkpoints/: convert into a new directory")
     src, config = open_checkpoint(checkpoint, unsafe_pickle=unsafe_pickle)
     settings, params = _read_model(family, src, config, heads)
+    params = to_device_leafwise(params)
     cfg = import_config(family, settings, config, block_size=block_size, seq_len=seq_len,
                         tokenizer=tokenizer, tokenizer_path=tokenizer_path, sets=sets)
     exp = registry.build(cfg)

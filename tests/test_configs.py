@@ -1,4 +1,5 @@
 """Every shipped config validates and builds; config-file arguments are checked."""
+import json
 import os
 import sys
 
@@ -102,3 +103,17 @@ def test_data_mode_is_checked_against_the_method():
     cfg.mesh.shape = (1, 1, 1)
     cfg.data.mode = "pack"
     assert registry.build(cfg).method.data_modes == ("wrap", "pack")
+
+
+def test_a_config_written_before_new_keys_existed_resumes_unchanged():
+    """An older config.json lacks keys added since (model.arch, model.sigma_features, …): they
+    mean their defaults, so resuming that run reports no change of a fixed field."""
+    from dlm_jax.config import config_changes
+    new = Config().to_dict()
+    old = json.loads(json.dumps(new))
+    for key in ("arch", "sigma_features", "sigma_max_period", "n_positions"):
+        old["model"].pop(key)
+    old["train"].pop("init_from")
+    assert config_changes(old, new) == ([], [])
+    old["model"]["width"] = 512
+    assert config_changes(old, new)[0] == ["model.width: 512 -> 0"]
