@@ -80,6 +80,7 @@ def _read_model(family: str, src, config: dict | None, heads: int | None):
             raise ValueError(f"{src.where}: GPT-2's head count is not in the tensors: pass "
                              f"--heads (or use a directory with its config.json)")
         return gpt2_from_state_dict(src, heads=int(heads))
+    heads = heads or _find(config or {}, "n_heads")  # HF BD3LM / MDLM configs carry it
     settings = convert.dit_settings(src, heads=heads)
     if settings["causal"]:
         raise ValueError(f"{src.where}: the DiT has no sigma_map / adaLN: an autoregressive "
@@ -141,7 +142,11 @@ def import_config(family: str, settings: dict, config: dict | None, *, block_siz
         tc = _find(config or {}, "time_conditioning")
         if tc is not None and family != "sedd":
             m.time_conditioning = bool(tc)
-        length = seq_len or _find(config or {}, "length") or 1024
+        period = _find(config or {}, "timestep_max_period")
+        if period is not None:
+            m.sigma_max_period = float(period)
+        length = (seq_len or _find(config or {}, "model_length") or _find(config or {}, "length")
+                  or 1024)
     cfg.data.seq_len = int(length)
     absorbing = family in ("mdlm", "bd3lm") or process == "absorbing"
     token_vocab = settings["vocab_size"] - (1 if absorbing else 0)
@@ -183,9 +188,11 @@ def import_checkpoint(family: str, checkpoint: str, out: str, *, heads=None, blo
                       unsafe_pickle=False) -> dict:
     """Convert `checkpoint` (a `family` model) into the workdir `out`; returns a summary."""
     import jax
+    import numpy as np
 
     from dlm_jax import registry
     from dlm_jax.checkpoint import save_params
+    from dlm_jax.models import convert
     from dlm_jax.models.convert import open_checkpoint, shape_problems
 
     start = time.perf_counter()
@@ -196,6 +203,11 @@ def import_checkpoint(family: str, checkpoint: str, out: str, *, heads=None, blo
     params = to_device_leafwise(params)
     cfg = import_config(family, settings, config, block_size=block_size, seq_len=seq_len,
                         tokenizer=tokenizer, tokenizer_path=tokenizer_path, sets=sets)
+    names = {convert.strip_prefix_name(k): k for k in src}
+    if family == "bd3lm" and {"sampling_eps_min", "sampling_eps_max"} <= names.keys():
+        # HF BD3LM checkpoints carry the clipped schedule they were trained with.
+        cfg.diffusion.clip = tuple(float(np.asarray(src[names[k]]).reshape(()))
+                                   for k in ("sampling_eps_min", "sampling_eps_max"))
     exp = registry.build(cfg)
     want = exp.method.model_vocab(exp.token_vocab)
     if want != settings["vocab_size"]:

@@ -102,15 +102,23 @@ def test_round_trip_is_lossless_and_exports_the_reference_names(tmp_path):
 
 def test_directory_and_bf16_checkpoints(tmp_path):
     """A Hugging Face-style directory (config.json + model.safetensors) whose config gives the
-    block size; bfloat16 tensors are widened exactly."""
-    sd = _state_dict("bd3lm_dit_kvcache")
+    block size and heads, with HF BD3LM's learned clip range (the run's clipped schedule);
+    bfloat16 tensors are widened exactly."""
+    sd = dict(_state_dict("bd3lm_dit_kvcache"))
+    sd.pop("rotary_emb.inv_freq")                   # heads then come from the config
+    sd["sampling_eps_min"], sd["sampling_eps_max"] = (np.array(v, np.float32) for v in (.3, .8))
     hf = tmp_path / "hf"
     hf.mkdir()
     _write(hf, sd, "model.safetensors")
-    (hf / "config.json").write_text(json.dumps({"model_type": "bd3lm", "block_size": 4}))
-    summary = _import(tmp_path, str(hf), "bd3lm")
-    assert json.loads((tmp_path / "run" / "config.json").read_text())[
-        "diffusion"]["block_size"] == 4
+    (hf / "config.json").write_text(json.dumps({"model_type": "bd3lm", "block_size": 4,
+                                                "n_heads": 4, "model_length": 16}))
+    summary = _import(tmp_path, str(hf), "bd3lm", seq_len=None)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["diffusion"]["block_size"] == 4 and cfg["data"]["seq_len"] == 16
+    np.testing.assert_allclose(cfg["diffusion"]["clip"], [0.3, 0.8], rtol=1e-6)
+    assert summary["settings"]["heads"] == 4
+    np.testing.assert_allclose(np.asarray(restore_run(str(tmp_path / "run"))[3].clip),
+                               [0.3, 0.8], rtol=1e-6)
     assert summary["settings"]["sigma_features"] == 256
 
     # A hand-written BF16 file: the top 16 bits of float32 values, read back as float32.

@@ -414,7 +414,8 @@ def dit_params(state_dict, settings: Mapping[str, Any] | None = None, *,
     settings = dict(settings or dit_settings(src))
     table = dit_key_table(settings["width"], settings["heads"], settings["depth"],
                           adaln=not settings["causal"])
-    errors = check_keys(src, [k for k, *_ in table] + ["rotary_emb.inv_freq"], ignore,
+    # rotary_emb.inv_freq is a buffer we recompute: checked when present, never required.
+    errors = check_keys(src, [k for k, *_ in table], [*ignore, "rotary_emb.inv_freq"],
                         "the DiT")
     if "rotary_emb.inv_freq" in src:
         head_dim = settings["width"] // settings["heads"]
