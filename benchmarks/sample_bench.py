@@ -11,9 +11,13 @@ Cases:
     the prefix recomputed (the uncached twin: the whole length under the block-causal mask at
     every step) up to `--recompute_max`;
   * BD3-LM first-hitting (one token per call) at batch 1 and at `--batch`;
-  * MDLM ancestral with L steps, and AR token by token with its KV cache, at the first length.
+  * MDLM ancestral with L steps, and AR token by token with its KV cache (and recomputed), and
+    AR by Jacobi iteration in windows of 16 through the cache, at the first length.
 Each case is compiled ahead of time (reported), then run `--repeats` times per pass; passes
 interleave the cases so the machine's drift hits all alike. tokens/s = batch · L / median seconds.
+`--per_call` lengths: one denoising call with the cache (the first half of L committed) against
+one recomputed call (the whole L), timed alone — NFE times that is what a whole generation costs,
+so the ratio at L 1024 stands in for a 25-minute recomputed generation.
 """
 from __future__ import annotations
 
@@ -32,27 +36,72 @@ import numpy as np  # noqa: E402
 from bench import machine_info, make_config  # noqa: E402
 
 
-def _case(family, length, batch, *, sampler, cached, steps=0, block=16, size="bench"):
+def _case(family, length, batch, *, sampler, cached, steps=0, block=16, size="bench",
+          window=0):
     from dlm_jax import registry
-    from dlm_jax.generation import make_generator, sample_keys
+    from dlm_jax.generation import AR_SAMPLERS, make_generator, sample_keys
     # BD3-LM models of context 1024 (the papers'); longer generations slide the cache window.
     cfg = make_config(family, size=size, seq_len=min(length, 1024) if family == "bd3lm"
                       else length, batch=batch, block=block)
     cfg.sampling.sampler, cfg.sampling.steps, cfg.sampling.length = sampler, steps, length
     cfg.sampling.kv_cache, cfg.sampling.skip_unchanged = cached, False
+    cfg.sampling.window = window
     exp = registry.build(cfg)
     from flax import nnx
     params = nnx.to_pure_dict(nnx.split(exp.new_model(0))[1])
     gen = make_generator(exp, cfg.sampling)
     keys = sample_keys(0, 0, batch)
-    prompt = (jax.numpy.zeros((batch, 1), jax.numpy.int32) if gen.sampler == "ar" else None)
+    prompt = (jax.numpy.zeros((batch, 1), jax.numpy.int32) if gen.sampler in AR_SAMPLERS
+              else None)
     t0 = time.perf_counter()
     compiled = gen.run.lower(params, keys, prompt).compile()
     compile_s = time.perf_counter() - t0
     return {"family": family, "length": length, "batch": batch, "sampler": gen.sampler,
-            "cached": cached, "steps": gen.steps, "block": gen.block_len,
+            "cached": cached, "steps": gen.steps, "block": gen.block_len, "window": window,
             "compile_s": compile_s, "fn": lambda: jax.block_until_ready(
                 compiled(params, keys, prompt)), "times": []}
+
+
+def per_call_seconds(length, batch, *, cached, block=16, size="bench", calls=8, repeats=3):
+    """Seconds per denoising call of the BD3-LM block decoder for the block in the middle of
+    `length` (the cache holds the first half; the recomputed twin runs the whole length, as it
+    does at every call): the cost that NFE multiplies. Median of `repeats` runs of `calls`."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dlm_jax import registry
+    cfg = make_config("bd3lm", size=size, seq_len=length, batch=batch, block=block)
+    exp = registry.build(cfg)
+    params = nnx.to_pure_dict(nnx.split(exp.new_model(0))[1])
+    prefix = jnp.zeros((batch, length // 2), jnp.int32)
+
+    def decoder(params):
+        return exp.method.block_decoder(exp.model(params), length, cached=cached)
+
+    @jax.jit
+    def prepare(params):  # the committed first half
+        dec = decoder(params)
+        cache = dec.init(batch)
+        for b in range(prefix.shape[1] // block):
+            cache = dec.commit(prefix[:, b * block:(b + 1) * block], cache)[1]
+        return cache
+
+    @jax.jit
+    def run(params, cache):
+        dec, blk = decoder(params), jnp.full((batch, block), exp.method.process.mask_id)
+        # Each call sees other tokens, so XLA cannot hoist one call out of the loop.
+        return jax.lax.fori_loop(0, calls, lambda i, acc: acc + dec.log_probs(
+            blk.at[:, 0].set(i % 256), jnp.full((batch,), 1.0, jnp.float32),
+            cache)[:, 1, 0].sum(), 0.0)
+
+    cache = jax.block_until_ready(prepare(params))
+    run(params, cache).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(params, cache).block_until_ready()
+        times.append((time.perf_counter() - t0) / calls)
+    return float(np.median(times))
 
 
 def main(argv=None) -> dict:
@@ -63,6 +112,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", default="bench")
+    ap.add_argument("--per_call", default="256,1024",
+                    help="lengths at which one cached and one recomputed call are timed")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -79,6 +130,7 @@ def main(argv=None) -> dict:
     cases.append(case("mdlm", L0, B, sampler="ancestral", cached=True, steps=L0))
     cases.append(case("ar", L0, B, sampler="ar", cached=True))
     cases.append(case("ar", L0, B, sampler="ar", cached=False))
+    cases.append(case("ar", L0, B, sampler="jacobi", cached=True, window=16))
     for p in range(args.passes):   # compiled ahead of time: the first run is already warm
         for case in cases:
             for _ in range(args.repeats):
@@ -99,7 +151,14 @@ def main(argv=None) -> dict:
               f"{'cache ' if row['cached'] else 'recompute'} steps={row['steps']} "
               f"NFE={row['nfe']:5d} {med:8.3f}s {row['tokens_per_s']:9.0f} tok/s "
               f"(compile {row['compile_s']:.1f}s)", flush=True)
-    result = {"machine": machine_info(), "rows": rows, "args": vars(args)}
+    per_call = []
+    for L in [int(x) for x in args.per_call.split(",") if x]:
+        cached_s, full_s = (per_call_seconds(L, B, cached=c, size=args.size) for c in (True, False))
+        per_call.append({"length": L, "cached_s": cached_s, "recompute_s": full_s,
+                         "ratio": full_s / cached_s})
+        print(f"per call at L={L}: cached {cached_s * 1e3:.1f} ms, recomputed "
+              f"{full_s * 1e3:.1f} ms: {full_s / cached_s:.1f}x", flush=True)
+    result = {"machine": machine_info(), "rows": rows, "per_call": per_call, "args": vars(args)}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

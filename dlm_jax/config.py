@@ -160,7 +160,7 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class SamplingConfig:
-    sampler: str = "auto"           # auto (the family's default) | ar | ancestral | first_hitting
+    sampler: str = "auto"           # auto (the family default) | ar | jacobi | ancestral | …
                                     # | the samplers of dlm_jax.samplers.SAMPLERS
     steps: int = 0                  # denoising steps (per block with blocks); 0: the block length
     length: int = 0                 # tokens per sample; 0: data.seq_len
@@ -172,6 +172,8 @@ class SamplingConfig:
     kv_cache: bool = True           # BD3-LM / AR: cache the clean prefix
     skip_unchanged: bool = True     # reuse p_θ while a step changes nothing (only without time
                                     # conditioning, where that is exact)
+    window: int = 0                 # AR "jacobi": tokens per window through the KV cache
+                                    # (0: the whole length at once, uncached)
     stop_at_eos: bool = False       # variable length: cut each sample after its first EOS
     stop_entropy: float = 0.0       # variable length: stop when the last 256 tokens' entropy
                                     # (nats) falls below this (0: off)
@@ -313,7 +315,7 @@ def validate(cfg: Config) -> Config:
            "sizes must be >= 1 or -1")
 
     sm = cfg.sampling
-    for key in ("steps", "length", "top_k"):
+    for key in ("steps", "length", "top_k", "window"):
         _check(getattr(sm, key) >= 0, f"sampling.{key}", getattr(sm, key), "must be >= 0 (0: auto/off)")
     for key in ("num_samples", "batch_size"):
         _check(getattr(sm, key) >= 1, f"sampling.{key}", getattr(sm, key), "must be >= 1")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.config import ConfigError, SamplingConfig
+from dlm_jax.samplers import jacobi
 from dlm_jax.samplers import masked as masked_samplers
 from dlm_jax.samplers import score as score_samplers
 from dlm_jax.samplers.block import (BLOCK_SAMPLERS, generate_ar, generate_blocks,
@@ -31,6 +32,8 @@ MDLM_SAMPLERS = ("ancestral", "first_hitting", "confidence", "margin", "entropy"
 # SEDD: Tweedie ("analytic") or Euler τ-leaping; CTMC: τ-leaping, "pc" with one corrector step.
 SEDD_SAMPLERS = ("analytic", "euler")
 CTMC_SAMPLERS = ("tau_leaping", "pc")
+# AR: token by token, or the same draws by Jacobi iteration; both start from a prompt.
+AR_SAMPLERS = ("ar", "jacobi")
 
 Array = jax.Array
 
@@ -92,16 +95,45 @@ def _fixed_length(tokens: Array, length: int) -> Array:
 
 
 def ar_generator(exp, sampling, length: int) -> Generator:
-    """AR: token by token through the KV cache (a window of the model's length)."""
+    """AR: token by token through the KV cache (a window of the model's length), or "jacobi":
+    the same draws by parallel fixed-point iteration (`samplers.jacobi`), window by window
+    through the cache (`sampling.window`, 0: the whole length in one uncached window)."""
     method, cfg = exp.method, exp.cfg
-    _resolve(sampling, ("ar",), "the AR family")
+    name = _resolve(sampling, AR_SAMPLERS, "the AR family")
     kw, eos = _truncation(sampling), _eos(exp, sampling)
+    window = sampling.window
+    if name == "jacobi":
+        if window and length % window:
+            raise ConfigError(f"config.sampling.window={window} must divide the length {length}")
+        if not window or not sampling.kv_cache:
+            _check_length(exp, length)
 
     def run(params, keys, prompt):
-        dec = method.block_decoder(exp.model(params), length, cached=sampling.kv_cache,
-                                   window=min(length, cfg.data.seq_len))
-        return generate_ar(dec, keys, length=length, prompt=prompt, eos_id=eos, **kw)
-    return Generator("ar", None, length, 1, jax.jit(run))
+        model = exp.model(params)
+        if name == "jacobi" and window and sampling.kv_cache:
+            dec = method.block_decoder(model, length, window=min(length, cfg.data.seq_len))
+            out = jacobi.jacobi_decode_windows(dec, keys, length=length, window=window,
+                                               prompt=prompt, **kw)
+        elif name == "jacobi":
+            out = jacobi.jacobi_decode(method.denoiser(model).fn, keys, length=length,
+                                       prompt=prompt, **kw)
+        else:
+            dec = method.block_decoder(model, length, cached=sampling.kv_cache,
+                                       window=min(length, cfg.data.seq_len))
+            return generate_ar(dec, keys, length=length, prompt=prompt, eos_id=eos, **kw)
+        return {**out, "lengths": _stop_lengths_ar(out["tokens"], prompt, eos)}
+    return Generator(name, None, length, window or length if name == "jacobi" else 1,
+                     jax.jit(run))
+
+
+def _stop_lengths_ar(tokens, prompt, eos_id):
+    """Per-row kept lengths: after the first generated EOS, or all (`stop_at_eos`)."""
+    B, L = tokens.shape
+    if eos_id is None:
+        return jnp.full((B,), L, jnp.int32)
+    pos = jnp.arange(L)
+    hit = (tokens == eos_id) & (pos >= prompt.shape[1])
+    return jnp.where(hit.any(-1), jnp.argmax(hit, -1) + 1, L).astype(jnp.int32)
 
 
 def bd3lm_generator(exp, sampling, length: int) -> Generator:
@@ -234,7 +266,7 @@ def encode_prompt(exp, text: str | None, batch: int, sampler: str) -> Any:
         if tok is None:
             raise ConfigError("--prompt needs a tokenizer; this run's data has none (markov)")
         ids = list(tok.encode(text.encode() if isinstance(text, str) else text))
-    elif sampler == "ar":
+    elif sampler in AR_SAMPLERS:
         ids = [document_boundary(exp)]
     else:
         return None

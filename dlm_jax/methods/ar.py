@@ -37,15 +37,22 @@ class Autoregressive(Method):
 
     def block_decoder(self, model, length: int, *, cached: bool = True,
                       window: int | None = None) -> BlockDecoder:
-        """The model token by token (`samplers.block.generate_ar`): commit(token) returns the
-        next-token log-probs. cached: a KV cache of `window` tokens (default: `length`; longer
-        generations slide it); False: the twin that reruns the causal model over the whole
-        sequence for every token."""
+        """The model token by token (`samplers.block.generate_ar`) or window by window
+        (`samplers.jacobi`): commit(block, cache) returns the next-token log-probs at the block's
+        positions and appends it; log_probs(block, _, cache) (cached only) scores a block against
+        the committed prefix without writing it. cached: a KV cache of `window` tokens (default:
+        `length`; longer generations slide it); False: the twin that reruns the causal model over
+        the whole sequence for every token."""
         if cached:
+            def log_probs(block, sigma, cache):
+                del sigma
+                logits = model.decode_block(block, None, cache, commit=False)[0]
+                return jax.nn.log_softmax(logits, axis=-1)
+
             def commit(block, cache):
                 logits, cache = model.decode_block(block, None, cache, commit=True)
                 return jax.nn.log_softmax(logits, axis=-1), cache
-            return BlockDecoder(lambda b: model.init_cache(b, window or length), None, commit)
+            return BlockDecoder(lambda b: model.init_cache(b, window or length), log_probs, commit)
 
         def commit_full(block, cache):
             tokens, start = cache
