@@ -20,6 +20,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import machine_info  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2_SMALL = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
               "n_head": 12, "layer_norm_epsilon": 1e-5, "model_type": "gpt2"}
@@ -91,20 +94,12 @@ def main() -> None:
               "convert_s": round(seconds, 1), "convert_inner_s": summary["seconds"],
               "peak_rss_mib": round(peak_mib), "import_only_rss_mib": round(base_mib),
               "above_import_per_checkpoint": round((peak_mib - base_mib) / size_mib, 2),
-              "cpu": _cpu()}
+              "machine": machine_info()}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
-        return " ".join(info[k].strip() for k in ("model name", "cpu family", "model"))
-    except (OSError, KeyError):
-        return "unknown"
 
 
 if __name__ == "__main__":

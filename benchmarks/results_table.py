@@ -18,6 +18,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import machine_info  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = (  # name, configs/small.py arg
     ("ar", "ar"),
@@ -96,17 +99,9 @@ def main() -> None:
         print(f"{name}: {json.dumps(metrics)}", flush=True)
     with open(args.out, "w") as f:
         json.dump({"steps": args.steps, "batches": args.batches, "samples": args.samples,
-                   "cpu": _cpu(), "rows": rows}, f, indent=1)
+                   "machine": machine_info(), "rows": rows}, f, indent=1)
     print(table(rows))
 
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
-        return " ".join(info[k].strip() for k in ("model name", "cpu family", "model"))
-    except (OSError, KeyError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ from flax import nnx
 
 from dlm_jax.masks import causal_mask
 from dlm_jax.models.cache import KVCache
-from dlm_jax.models.layers import (LayerNorm, attend, attend_with_prefix, dropout, make_param,
-                                   matmul_rows, zeros)
+from dlm_jax.models.layers import (LayerNorm, attend, attend_with_prefix, dropout, dropout_key,
+                                   make_param, matmul_rows, zeros)
 from dlm_jax.models.transformer import REMAT_POLICIES, _split_keys
 
 Array = jax.Array
@@ -52,19 +52,6 @@ INIT_STD = 0.02
 
 def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
-
-
-def _dropout_key(rngs, rate: float, deterministic: bool) -> Array | None:
-    """A dropout key from `rngs` (nnx.Rngs with a dropout stream, an RngStream or a key), as DiT."""
-    if deterministic or rate == 0.0:
-        return None
-    if rngs is None:
-        raise ValueError("deterministic=False with dropout > 0 needs rngs (nnx.Rngs or a key)")
-    if isinstance(rngs, nnx.Rngs):
-        return rngs.dropout()
-    if isinstance(rngs, nnx.RngStream):
-        return rngs()
-    return rngs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +278,7 @@ class GPT2(nnx.Module):
             positions = jnp.arange(L, dtype=jnp.int32)
         positions = jnp.asarray(positions)
         positions = positions[None] if positions.ndim == 1 else positions
-        key = _dropout_key(rngs, self.dropout, deterministic)
+        key = dropout_key(rngs, self.dropout, deterministic)
         k_embd, *keys = _split_keys(key, self.depth + 1)
         h = dropout(self._embed(tokens, positions), self.dropout, k_embd, deterministic)
         for block, k in zip(self.blocks, keys):

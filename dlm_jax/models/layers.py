@@ -424,3 +424,17 @@ def dropout(x: Array, rate: float, key: Array | None, deterministic: bool) -> Ar
         raise ValueError("dropout needs a key (pass rngs=...) when deterministic=False")
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def dropout_key(rngs, rate: float, deterministic: bool) -> Array | None:
+    """The key a model's dropout draws from: None when off (deterministic or rate 0); `rngs` may
+    be nnx.Rngs (its dropout stream), an RngStream or a key."""
+    if deterministic or rate == 0.0:
+        return None
+    if rngs is None:
+        raise ValueError("deterministic=False with dropout > 0 needs rngs (nnx.Rngs or a key)")
+    if isinstance(rngs, nnx.Rngs):
+        return rngs.dropout()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs()
+    return rngs

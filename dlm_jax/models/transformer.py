@@ -42,8 +42,8 @@ from dlm_jax.masks import causal_mask
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
                                    Dense, TwoPassMask, apply_rotary, attend, attend_with_prefix,
-                                   SIGMA_FEATURES, SIGMA_MAX_PERIOD, dropout, modulate, per_row,
-                                   rotary_cos_sin)
+                                   SIGMA_FEATURES, SIGMA_MAX_PERIOD, dropout, dropout_key, modulate,
+                                   per_row, rotary_cos_sin)
 
 Array = jax.Array
 
@@ -286,15 +286,7 @@ class DiT(nnx.Module):
         return self.cond_embedding(sigma)
 
     def _dropout_key(self, rngs, deterministic: bool) -> Array | None:
-        if deterministic or self.dropout == 0.0:
-            return None
-        if rngs is None:
-            raise ValueError("deterministic=False with dropout > 0 needs rngs (nnx.Rngs or a key)")
-        if isinstance(rngs, nnx.Rngs):
-            return rngs.dropout()
-        if isinstance(rngs, nnx.RngStream):
-            return rngs()
-        return rngs
+        return dropout_key(rngs, self.dropout, deterministic)
 
     # -- forward ---------------------------------------------------------------------------------
 
