@@ -174,6 +174,11 @@ class SamplingConfig:
                                     # conditioning, where that is exact)
     window: int = 0                 # AR "jacobi": tokens per window through the KV cache
                                     # (0: the whole length at once, uncached)
+    drafter: str = ""               # AR "speculative" / "mh": a masked-diffusion run (workdir)
+                                    # that drafts / proposes, over the same tokenizer
+    draft_tokens: int = 4           # speculative: tokens per draft; mh: positions per proposal
+    mh_proposal: str = "masked"     # mh: masked (the drafter re-draws draft_tokens positions) |
+                                    # uniform (one position, a uniform token); steps: MH steps
     stop_at_eos: bool = False       # variable length: cut each sample after its first EOS
     stop_entropy: float = 0.0       # variable length: stop when the last 256 tokens' entropy
                                     # (nats) falls below this (0: off)
@@ -317,7 +322,8 @@ def validate(cfg: Config) -> Config:
     sm = cfg.sampling
     for key in ("steps", "length", "top_k", "window"):
         _check(getattr(sm, key) >= 0, f"sampling.{key}", getattr(sm, key), "must be >= 0 (0: auto/off)")
-    for key in ("num_samples", "batch_size"):
+    _choice("sampling.mh_proposal", sm.mh_proposal, {"masked", "uniform"})
+    for key in ("num_samples", "batch_size", "draft_tokens"):
         _check(getattr(sm, key) >= 1, f"sampling.{key}", getattr(sm, key), "must be >= 1")
     _check(0.0 < sm.top_p <= 1.0, "sampling.top_p", sm.top_p, "must be in (0, 1]")
     _check(sm.temperature >= 0.0, "sampling.temperature", sm.temperature, "must be >= 0")

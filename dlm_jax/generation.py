@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.config import ConfigError, SamplingConfig
-from dlm_jax.samplers import jacobi
+from dlm_jax.samplers import jacobi, mh, speculative
 from dlm_jax.samplers import masked as masked_samplers
 from dlm_jax.samplers import score as score_samplers
 from dlm_jax.samplers.block import (BLOCK_SAMPLERS, generate_ar, generate_blocks,
@@ -32,8 +32,10 @@ MDLM_SAMPLERS = ("ancestral", "first_hitting", "confidence", "margin", "entropy"
 # SEDD: Tweedie ("analytic") or Euler τ-leaping; CTMC: τ-leaping, "pc" with one corrector step.
 SEDD_SAMPLERS = ("analytic", "euler")
 CTMC_SAMPLERS = ("tau_leaping", "pc")
-# AR: token by token, or the same draws by Jacobi iteration; both start from a prompt.
-AR_SAMPLERS = ("ar", "jacobi")
+# AR: token by token; the same draws by Jacobi iteration; exact draws with a diffusion drafter
+# (speculative decoding) or proposal (Metropolis–Hastings). All start from a prompt.
+AR_SAMPLERS = ("ar", "jacobi", "speculative", "mh")
+DRAFTER_SAMPLERS = ("speculative", "mh")
 
 Array = jax.Array
 
@@ -48,6 +50,12 @@ class Generator:
     length: int
     block_len: int
     run: Callable[..., dict[str, Array]]
+    drafter_params: Any = None  # with a drafter, run takes {"model": params, "drafter": these}
+
+    def params(self, params):
+        """What `run` takes as its params, given the run's own."""
+        return params if self.drafter_params is None else {"model": params,
+                                                             "drafter": self.drafter_params}
 
 
 def sample_keys(seed: int, start: int, count: int) -> Array:
@@ -61,6 +69,26 @@ def make_generator(exp, sampling: SamplingConfig) -> Generator:
     below: `Method.generator`); ConfigError for a sampler that does not fit the family or a
     length the model cannot produce."""
     return exp.method.generator(exp, sampling, sampling.length or exp.cfg.data.seq_len)
+
+
+def load_drafter(exp, sampling: SamplingConfig):
+    """(drafter experiment, its (EMA) params) of `sampling.drafter` for the AR samplers that
+    need one, checked against the AR run `exp`: a masked-diffusion model over the same tokens."""
+    if not sampling.drafter:
+        raise ConfigError(f"config.sampling.sampler={sampling.sampler!r} needs a drafter: "
+                          f"--drafter DIR (a masked-diffusion run over the same tokenizer)")
+    from dlm_jax.evals import restore_run
+    d_exp, _, _, d_state = restore_run(sampling.drafter)
+    if not d_exp.method.drafts:
+        raise ConfigError(f"config.sampling.drafter={sampling.drafter!r} is a "
+                          f"{d_exp.method.name} run; the drafter must be a masked-diffusion run "
+                          f"(mdlm / bd3lm)")
+    ours = (exp.cfg.data.tokenizer, exp.cfg.data.tokenizer_path, exp.token_vocab)
+    theirs = (d_exp.cfg.data.tokenizer, d_exp.cfg.data.tokenizer_path, d_exp.token_vocab)
+    if ours != theirs:
+        raise ConfigError(f"the drafter {sampling.drafter!r} has tokenizer/vocabulary {theirs}, "
+                          f"the AR run {ours}: they must be the same")
+    return d_exp, d_state.eval_params
 
 
 def _resolve(sampling, names: tuple[str, ...], family: str) -> str:
@@ -108,6 +136,9 @@ def ar_generator(exp, sampling, length: int) -> Generator:
         if not window or not sampling.kv_cache:
             _check_length(exp, length)
 
+    if name in DRAFTER_SAMPLERS:
+        return _drafted_generator(exp, sampling, length, name, load_drafter(exp, sampling))
+
     def run(params, keys, prompt):
         model = exp.model(params)
         if name == "jacobi" and window and sampling.kv_cache:
@@ -124,6 +155,44 @@ def ar_generator(exp, sampling, length: int) -> Generator:
         return {**out, "lengths": _stop_lengths_ar(out["tokens"], prompt, eos)}
     return Generator(name, None, length, window or length if name == "jacobi" else 1,
                      jax.jit(run))
+
+
+def _drafted_generator(exp, sampling, length: int, name: str, drafter) -> Generator:
+    """AR "speculative" / "mh": exact draws from the AR model with a masked-diffusion drafter
+    (`drafter` = (its experiment, params), `load_drafter`); run(params = {"model", "drafter"},
+    keys, prompt). NFE counts AR passes (the drafter's calls are in "draft_nfe")."""
+    d_exp, d_params = drafter
+    _check_length(exp, length)
+    if length > d_exp.cfg.data.seq_len:
+        raise ConfigError(f"config.sampling.length={length} is longer than the drafter's "
+                          f"data.seq_len={d_exp.cfg.data.seq_len}")
+    method, d_method, k = exp.method, d_exp.method, sampling.draft_tokens
+    mask_id, schedule = d_method.process.mask_id, d_method.schedule
+
+    def run(params, keys, prompt):
+        ar = method.denoiser(exp.model(params["model"]))
+        draft = d_method.denoiser(d_exp.model(params["drafter"]))
+        if name == "speculative":
+            out = speculative.speculative_sample(
+                ar, draft, keys, prompt, length=length, draft_len=k, mask_id=mask_id,
+                draft_steps=min(sampling.steps or 1, k), schedule=schedule)
+            nfe, draft_nfe = out["rounds"], out["draft_nfe"]
+        else:  # start from one full draft of the drafter, then T MH steps
+            P = prompt.shape[1]
+            x = jnp.zeros((keys.shape[0], length), jnp.int32).at[:, :P].set(prompt)
+            init_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2**31 - 1))(keys)  # not a step
+            init = mh.propose_masked(init_keys, x,
+                                     draft, prompt_len=P, num_masked=length - P,
+                                     vocab=exp.token_vocab, mask_id=mask_id,
+                                     schedule=schedule)[0]
+            out = mh.mh_sample(ar, keys, init, steps=sampling.steps or 100, prompt_len=P,
+                               proposal=sampling.mh_proposal, denoiser=draft, mask_id=mask_id,
+                               num_masked=min(k, length - P), schedule=schedule)
+            nfe, draft_nfe = out["ar_nfe"], out["denoiser_nfe"] + 1
+        return {"tokens": out["tokens"], "lengths": _stop_lengths_ar(out["tokens"], prompt,
+                                                                     _eos(exp, sampling)),
+                "nfe": nfe, "draft_nfe": draft_nfe, "acceptance": out["acceptance"]}
+    return Generator(name, sampling.steps or None, length, k, jax.jit(run), d_params)
 
 
 def _stop_lengths_ar(tokens, prompt, eos_id):
@@ -287,9 +356,10 @@ def generate_samples(exp, params, sampling: SamplingConfig, prompt: str | None =
         raise ConfigError(f"the prompt has {p_len} tokens, more than the sample length "
                           f"{gen.length} (sampling.length)")
     t0 = time.perf_counter()
+    params = gen.params(params)
     compiled = gen.run.lower(params, sample_keys(sampling.seed, 0, batch), prompt_ids).compile()
     compile_s = time.perf_counter() - t0
-    rows, seconds, new_tokens, nfe = [], 0.0, 0, 0
+    rows, seconds, new_tokens, nfe, extra = [], 0.0, 0, 0, {}
     for start in range(0, sampling.num_samples, batch):
         t0 = time.perf_counter()
         res = jax.device_get(compiled(params, sample_keys(sampling.seed, start, batch),
@@ -298,6 +368,7 @@ def generate_samples(exp, params, sampling: SamplingConfig, prompt: str | None =
         seconds += dt
         count = min(batch, sampling.num_samples - start)
         nfe = int(res["nfe"])
+        extra = {k: float(res[k]) for k in ("draft_nfe", "acceptance") if k in res}
         for i in range(count):
             n = int(res["lengths"][i])
             ids = np.asarray(res["tokens"][i, :n])
@@ -312,7 +383,7 @@ def generate_samples(exp, params, sampling: SamplingConfig, prompt: str | None =
                "block": gen.block_len, "length": gen.length, "prompt_tokens": p_len,
                "num_samples": len(rows), "nfe_per_batch": nfe, "seconds": seconds,
                "compile_seconds": compile_s, "tokens_per_s": new_tokens / max(seconds, 1e-9),
-               "settings": dataclasses.asdict(sampling)}
+               **extra, "settings": dataclasses.asdict(sampling)}
     return rows, summary
 
 

@@ -24,11 +24,13 @@ _LENGTH = flags.DEFINE_integer("length", None, "Tokens per sample (sampling.leng
 _SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name (sampling.sampler).")
 _STEPS = flags.DEFINE_integer("steps", None, "Denoising steps per block (sampling.steps).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (sampling.seed).")
+_DRAFTER = flags.DEFINE_string("drafter", None, "AR speculative / mh samplers: the masked-"
+                               "diffusion run that drafts (sampling.drafter).")
 _OUT = flags.DEFINE_string("out", None, "JSONL output path.")
 flags.mark_flag_as_required("workdir")
 
 _FLAG_FIELDS = {"num_samples": _NUM, "length": _LENGTH, "sampler": _SAMPLER, "steps": _STEPS,
-                "seed": _SEED}
+                "seed": _SEED, "drafter": _DRAFTER}
 _PREFIX = "--config.sampling."
 _overrides: dict[str, str] = {}
 

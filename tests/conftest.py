@@ -15,9 +15,14 @@ assert jax.device_count() >= 8 or "xla_force_host_platform_device_count" not in 
 
 # Tests build the same tiny programs many times (several trainers per test, subprocesses);
 # a compilation cache shared within the run turns the repeats into cache hits.
-_cache_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache",
-                          "jax_compilation_cache")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_cache_dir))  # subprocesses
+# One cache per pytest-xdist worker (`-n 2`): two processes never write the same entry.
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+_cache_dir = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                          ".pytest_cache", "jax_compilation_cache",
+                                          _worker or "main"))
+if _worker:  # workers inherit the controller's environment: replace its value
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache_dir)  # subprocesses use it too
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",

@@ -94,6 +94,26 @@ def test_ar_jacobi_sampler_draws_what_the_ar_sampler_draws(runs):
         assert summary["sampler"] == "jacobi" and summary["nfe_per_batch"] <= 31 + 4
 
 
+@pytest.mark.parametrize("sampler", ["speculative", "mh"])
+def test_ar_samplers_with_a_diffusion_drafter(runs, sampler):
+    """`sampler=speculative | mh --drafter RUN`: the AR run's exact samplers driven by a
+    masked-diffusion run over the same bytes (the BD3-LM run here) end to end."""
+    exp, _, _, state = restore_run(runs["ar"])
+    rows, summary = generate_samples(exp, state.params, dataclasses.replace(
+        exp.cfg.sampling, sampler=sampler, drafter=runs["bd3lm,block=8"], num_samples=2,
+        batch_size=2, length=24, steps=8 if sampler == "mh" else 2, draft_tokens=4))
+    tokens = np.asarray([r["tokens"] for r in rows])
+    assert tokens.shape == (2, 24) and tokens.min() >= 0 and tokens.max() < exp.token_vocab
+    assert 0.0 <= summary["acceptance"] <= 1.0 and summary["draft_nfe"] >= 1
+    assert summary["nfe_per_batch"] == (9 if sampler == "mh" else summary["nfe_per_batch"])
+    with pytest.raises(ConfigError, match="needs a drafter: --drafter DIR"):
+        generate_samples(exp, state.params, dataclasses.replace(exp.cfg.sampling,
+                                                                sampler=sampler))
+    with pytest.raises(ConfigError, match="the drafter must be a masked-diffusion run"):
+        generate_samples(exp, state.params, dataclasses.replace(
+            exp.cfg.sampling, sampler=sampler, drafter=runs["ar"]))
+
+
 @pytest.mark.parametrize("run,edit,message", [
     ("bd3lm,block=8", _set(sampler="gibbs"), "sampler='gibbs' does not fit bd3lm"),
     ("ar", _set(sampler="first_hitting"), "does not fit the AR family"),

@@ -82,6 +82,8 @@ class Method:
     data_modes: tuple[str, ...] = ("wrap",)
     likelihood_bound: bool = True
     clip_search: bool = False       # BD3-LM's variance-minimising clip search applies
+    drafts: bool = False            # its denoiser (SUBS x0 log-probs at σ̄, a mask state
+                                    # `process.mask_id`) can draft for AR speculative / MH
 
     def model_vocab(self, token_vocab: int) -> int:
         """Rows of the embedding and columns of the output layer."""

@@ -19,6 +19,7 @@ class Masked(ContinuousTime):
     """MDLM / BD3-LM. `process` is `Absorbing`; the denoiser gives SUBS log p_θ(x_0 | x_t)."""
 
     clip_search = True
+    drafts = True
 
     @property
     def name(self) -> str:
