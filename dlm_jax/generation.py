@@ -123,9 +123,10 @@ def _fixed_length(tokens: Array, length: int) -> Array:
 
 
 def ar_generator(exp, sampling, length: int) -> Generator:
-    """AR: token by token through the KV cache (a window of the model's length), or "jacobi":
-    the same draws by parallel fixed-point iteration (`samplers.jacobi`), window by window
-    through the cache (`sampling.window`, 0: the whole length in one uncached window)."""
+    """AR: token by token through the KV cache (a window of the model's length); "jacobi": the
+    same draws by parallel fixed-point iteration (`samplers.jacobi`), window by window through
+    the cache (`sampling.window`, 0: the whole length in one uncached window); "speculative" /
+    "mh": exact draws with a masked-diffusion drafter (`_drafted_generator`)."""
     method, cfg = exp.method, exp.cfg
     name = _resolve(sampling, AR_SAMPLERS, "the AR family")
     kw, eos = _truncation(sampling), _eos(exp, sampling)
@@ -180,9 +181,9 @@ def _drafted_generator(exp, sampling, length: int, name: str, drafter) -> Genera
         else:  # start from one full draft of the drafter, then T MH steps
             P = prompt.shape[1]
             x = jnp.zeros((keys.shape[0], length), jnp.int32).at[:, :P].set(prompt)
-            init_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2**31 - 1))(keys)  # not a step
-            init = mh.propose_masked(init_keys, x,
-                                     draft, prompt_len=P, num_masked=length - P,
+            # The init's keys: fold_in with an index no MH step uses.
+            init_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2**31 - 1))(keys)
+            init = mh.propose_masked(init_keys, x, draft, prompt_len=P, num_masked=length - P,
                                      vocab=exp.token_vocab, mask_id=mask_id,
                                      schedule=schedule)[0]
             out = mh.mh_sample(ar, keys, init, steps=sampling.steps or 100, prompt_len=P,
