@@ -79,7 +79,7 @@ def per_call_seconds(length, batch, *, cached, block=16, size="bench", calls=8, 
         return exp.method.block_decoder(exp.model(params), length, cached=cached)
 
     @jax.jit
-    def prepare(params):  # the committed first half
+    def prepare(params, prefix):  # the committed first half
         dec = decoder(params)
         cache = dec.init(batch)
         for b in range(prefix.shape[1] // block):
@@ -94,7 +94,7 @@ def per_call_seconds(length, batch, *, cached, block=16, size="bench", calls=8, 
             blk.at[:, 0].set(i % 256), jnp.full((batch,), 1.0, jnp.float32),
             cache)[:, 1, 0].sum(), 0.0)
 
-    cache = jax.block_until_ready(prepare(params))
+    cache = jax.block_until_ready(prepare(params, prefix))
     run(params, cache).block_until_ready()
     times = []
     for _ in range(repeats):

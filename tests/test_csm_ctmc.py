@@ -162,7 +162,8 @@ DENSE_Q = np.array([[-1.0, 0.7, 0.3], [0.2, -0.5, 0.3], [0.9, 0.6, -1.5]])
 
 
 @pytest.mark.parametrize("process", [transitions.Uniform(3), transitions.Absorbing(2),
-                                     transitions.MatrixProcess(DENSE_Q)], ids=repr)
+                                     transitions.MatrixProcess(DENSE_Q)],
+                         ids=["uniform3", "absorbing2", "dense3"])  # stable across workers
 @pytest.mark.parametrize("length", [1, 2])
 def test_x0_reverse_rate_with_exact_posterior_is_time_reversal(process, length):
     with jax.enable_x64(True):
