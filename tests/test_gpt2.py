@@ -25,9 +25,7 @@ from jax.sharding import PartitionSpec as P
 from dlm_jax import sharding
 from dlm_jax.config import ConfigError, MeshConfig, validate
 from dlm_jax.data.pipeline import markov_chain
-from dlm_jax.methods.ar import Autoregressive
 from dlm_jax.models import GPT2, KVCache, gpt2_from_state_dict, gpt2_to_state_dict
-from dlm_jax.samplers.block import generate_ar
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import tiny  # noqa: E402
@@ -313,19 +311,5 @@ def test_trainer_learns_a_fixed_batch(tmp_path):
 
 
 def test_ar_cached_sampler_equals_uncached():
-    method, model = Autoregressive(), random_gpt2(4)
-    keys = jax.random.split(jax.random.key(7), 3)
-    prompt = jnp.asarray([[1, 2, 3]] * 3, jnp.int32)
-
-    def run(cached, length=L, window=None):
-        dec = method.block_decoder(model, length, cached=cached, window=window)
-        return generate_ar(dec, keys, length=length, prompt=prompt, temperature=0.8)
-
-    cached, plain = jax.jit(lambda: run(True))(), jax.jit(lambda: run(False))()
-    np.testing.assert_array_equal(cached["tokens"], plain["tokens"])
-    np.testing.assert_array_equal(np.asarray(cached["tokens"])[:, :3], prompt)
-    # an 8-token window slides within the 32 positions; the first 9 tokens (while the whole
-    # prefix fits) equal the full-cache run's
-    long = jax.jit(lambda: run(True, length=24, window=8))()
-    np.testing.assert_array_equal(np.asarray(long["tokens"])[:, :9],
-                                  np.asarray(cached["tokens"])[:, :9])
+    from test_samplers import check_ar_cached_equals_uncached
+    check_ar_cached_equals_uncached(random_gpt2(4), L)

@@ -252,11 +252,13 @@ def test_generation_errors(bd3lm):
         generate_blocks(dec, _keys(1), length=32, block_len=4, **common)
 
 
-def test_ar_cached_equals_uncached_and_slides():
-    method, model = Autoregressive(), random_model(4, causal=True)
+def check_ar_cached_equals_uncached(model, model_len):
+    """AR generation through the KV cache equals the recomputed twin token for token, and a
+    sliding 8-token cache agrees while the whole prefix fits (also run for GPT-2)."""
+    method = Autoregressive()
     keys, prompt = _keys(3, 7), jnp.asarray([[1, 2, 3]] * 3, jnp.int32)
 
-    def run(cached, length=MODEL_LEN, window=None):
+    def run(cached, length=model_len, window=None):
         dec = method.block_decoder(model, length, cached=cached, window=window)
         return generate_ar(dec, keys, length=length, prompt=prompt, temperature=0.8)
 
@@ -268,6 +270,12 @@ def test_ar_cached_equals_uncached_and_slides():
     long = jax.jit(lambda: run(True, length=24, window=8))()
     np.testing.assert_array_equal(np.asarray(long["tokens"])[:, :9],
                                   np.asarray(cached["tokens"])[:, :9])
+    return method, keys
+
+
+def test_ar_cached_equals_uncached_and_slides():
+    model = random_model(4, causal=True)
+    method, keys = check_ar_cached_equals_uncached(model, MODEL_LEN)
     with pytest.raises(ValueError, match="needs a prompt of at least one token"):
         generate_ar(method.block_decoder(model, 8), keys, length=8, prompt=None)
 
