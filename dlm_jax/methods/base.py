@@ -54,6 +54,20 @@ class Denoiser:
     kind: str
     fn: Callable[..., Array]
 
+    @staticmethod
+    def function(denoiser, kind: str, what: str) -> Callable[..., Array]:
+        """What a sampler calls: `denoiser.fn` of a Denoiser of `kind`, or a plain callable taken
+        as one; anything else, or another kind, is a ValueError naming `what` (the argument)."""
+        if isinstance(denoiser, Denoiser):
+            if denoiser.kind != kind:
+                raise ValueError(f"{what} needs a {kind!r} denoiser: it must be a Denoiser of "
+                                 f"kind {kind!r} or a callable, got kind {denoiser.kind!r}")
+            return denoiser.fn
+        if not callable(denoiser):
+            raise ValueError(f"{what} must be a callable or a Denoiser of kind {kind!r}, got "
+                             f"{type(denoiser).__name__}")
+        return denoiser
+
 
 def token_weights(batch: dict) -> Array:
     """(B, L) float32: 1 on real tokens, 0 on padding (packed batches carry segment_ids)."""

@@ -68,19 +68,6 @@ _COUNT_TOL = 1e-4
 # ---------------------------------------------------------------------------------------------
 # Validation and set-up (Python, on static shapes only: works on tracers too)
 # ---------------------------------------------------------------------------------------------
-def _x0_fn(denoise) -> Callable:
-    """The (xt, σ̄) -> log p_θ(x_0 | x_t) function of a callable or an "x0_log_probs" Denoiser."""
-    if isinstance(denoise, Denoiser):
-        if denoise.kind != "x0_log_probs":
-            raise ValueError(f"masked-diffusion samplers need a denoiser of kind 'x0_log_probs' "
-                             f"(SUBS log p(x0 | xt)), got kind {denoise.kind!r}")
-        return denoise.fn
-    if not callable(denoise):
-        raise ValueError(f"denoise must be a callable (xt, sigma_bar) -> (B, L, S) log-probs or "
-                         f"a Denoiser, got {type(denoise).__name__}")
-    return denoise
-
-
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -225,7 +212,7 @@ def ancestral_cached(denoise, schedule, keys: Array, length: int, mask_id: int, 
 
 def _ancestral_entry(denoise, schedule, keys, length, mask_id, *, steps, t_final, noise_removal,
                      temperature, top_k, top_p, prompt, clamp, cached, time_conditioned):
-    fn = _x0_fn(denoise)
+    fn = Denoiser.function(denoise, "x0_log_probs", "denoise")
     steps = _check_int(steps, "steps", 1)
     if not 0.0 < t_final < 1.0:
         raise ValueError(f"t_final must be in (0, 1), got {t_final}")
@@ -316,7 +303,7 @@ def first_hitting(denoise, schedule, keys: Array, length: int, mask_id: int, *,
     Args as in `ancestral` (no `steps`: the number of events is the number of free positions).
     Returns tokens (B, L) int32 and nfe (B,) int32 = the row's number of free positions.
     """
-    fn = _x0_fn(denoise)
+    fn = Denoiser.function(denoise, "x0_log_probs", "denoise")
     temperature, top_k, top_p = _check_truncation(temperature, top_k, top_p)
     batch = _check_keys(keys)
     x, _, p_len = _initial(batch, length, mask_id, prompt, clamp)
@@ -393,7 +380,7 @@ def confidence_decode(denoise, schedule, keys: Array, length: int, mask_id: int,
     Returns tokens (B, L) int32 and nfe (B,) int32 (top-k mode: steps; threshold mode: the
     steps while the row still had a masked position).
     """
-    fn = _x0_fn(denoise)
+    fn = Denoiser.function(denoise, "x0_log_probs", "denoise")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown confidence strategy {strategy!r}; choose one of "
                          f"{list(STRATEGIES)}")

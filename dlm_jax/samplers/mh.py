@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from dlm_jax.methods.base import Denoiser
 from dlm_jax.processes.schedules import LogLinear, Schedule
 from dlm_jax.samplers import categorical
-from dlm_jax.samplers.speculative import (NextLogProbs, X0LogProbs, as_fn,
-                                          masked_fraction_sigma, proposal_log_probs)
+from dlm_jax.samplers.speculative import (NextLogProbs, X0LogProbs, masked_fraction_sigma,
+                                          proposal_log_probs)
 from dlm_jax.samplers.steps import row_keys
 
 Array = jax.Array
@@ -48,7 +48,7 @@ def sequence_log_prob(ar_log_probs: NextLogProbs | Denoiser, tokens: Array,
                       prompt_len: int) -> Array:
     """log p(x_{≥P} | x_<P) = Σ_{i ≥ P} log p(x_i | x_<i) from one causal pass: tokens (B, L)
     int -> (B,) float32 (−inf where a token has probability 0)."""
-    fn = as_fn(ar_log_probs, "next_token_log_probs", "ar_log_probs")
+    fn = Denoiser.function(ar_log_probs, "next_token_log_probs", "ar_log_probs")
     tokens = jnp.asarray(tokens, jnp.int32)
     lp = jax.nn.log_softmax(fn(tokens).astype(jnp.float32), axis=-1)
     per = jnp.take_along_axis(lp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # (B, L − 1)
@@ -109,7 +109,7 @@ def propose_masked(keys: Array, x: Array, denoiser: X0LogProbs | Denoiser, *, pr
     keys (B,); x (B, L); denoiser (xt (B, L), σ̄ (B,)) -> (B, L, S) SUBS log-probs, fed σ̄ at
     t = m / (L − P). Returns (x′ (B, L), log q(x′ | x) (B,), log q(x | x′) (B,), S (B, L) bool).
     """
-    fn = as_fn(denoiser, "x0_log_probs", "denoiser")
+    fn = Denoiser.function(denoiser, "x0_log_probs", "denoiser")
     x = jnp.asarray(x, jnp.int32)
     subset = random_subset(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), x.shape[1],
                            prompt_len, num_masked)
@@ -154,7 +154,7 @@ def mh_sample(ar_log_probs: NextLogProbs | Denoiser, keys: Array, init: Array, *
                          f"and at least one position must be free), got {prompt_len}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    ar_fn = as_fn(ar_log_probs, "next_token_log_probs", "ar_log_probs")
+    ar_fn = Denoiser.function(ar_log_probs, "next_token_log_probs", "ar_log_probs")
     x0 = init.astype(jnp.int32)
     V = jax.eval_shape(ar_fn, x0).shape[-1]
     if proposal == "uniform" and V < 2:
@@ -165,7 +165,7 @@ def mh_sample(ar_log_probs: NextLogProbs | Denoiser, keys: Array, init: Array, *
         if not 1 <= num_masked <= L - prompt_len:
             raise ValueError(f"num_masked must be in [1, L − P = {L - prompt_len}], got "
                              f"{num_masked}")
-        as_fn(denoiser, "x0_log_probs", "denoiser")
+        Denoiser.function(denoiser, "x0_log_probs", "denoiser")
         if mask_id < V:
             raise ValueError(f"mask_id {mask_id} is a token of the AR vocabulary (V={V}); the "
                              f"mask must be a state >= V")

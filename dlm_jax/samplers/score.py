@@ -60,18 +60,6 @@ _MAX_LOG_SCORE = 60.0
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-def _denoiser_fn(denoiser, kind: str, sampler: str) -> Callable[[Array, Array], Array]:
-    """The function of a `Denoiser` of the required kind, or a plain callable (taken as one)."""
-    if isinstance(denoiser, Denoiser):
-        if denoiser.kind != kind:
-            raise ValueError(f"{sampler} needs a {kind!r} denoiser, got kind {denoiser.kind!r}")
-        return denoiser.fn
-    if not callable(denoiser):
-        raise ValueError(f"{sampler} needs a Denoiser of kind {kind!r} or a callable, got "
-                         f"{type(denoiser).__name__}")
-    return denoiser
-
-
 def _check_common(keys, length, steps, eps, sampler: str) -> int:
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"{sampler}: steps must be an integer >= 1, got {steps!r}")
@@ -250,7 +238,7 @@ def sedd_sample(denoiser_fn, process, schedule, keys: Array, length: int, *, ste
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose one of {list(PREDICTORS)}")
-    fn = _denoiser_fn(denoiser_fn, "log_score", "sedd_sample")
+    fn = Denoiser.function(denoiser_fn, "log_score", "sedd_sample: denoiser_fn")
     batch = _check_common(keys, length, steps, eps, "sedd_sample")
     init = None if init is None else _check_tokens(init, batch, length, "init")
     clamp = _check_clamp(clamp, batch, length, clean_clamp, "sedd_sample")
@@ -322,7 +310,7 @@ def ctmc_sample(x0_probs_fn, process, schedule, keys: Array, length: int, *, ste
     Returns:
       (B, L) int32 samples.
     """
-    fn = _denoiser_fn(x0_probs_fn, "x0_probs", "ctmc_sample")
+    fn = Denoiser.function(x0_probs_fn, "x0_probs", "ctmc_sample: x0_probs_fn")
     batch = _check_common(keys, length, steps, eps, "ctmc_sample")
     if (isinstance(corrector_steps, bool) or int(corrector_steps) != corrector_steps
             or corrector_steps < 0):

@@ -76,18 +76,6 @@ X0LogProbs = Callable[[Array, Array], Array]  # (xt (B, L), σ̄ (B,)) -> (B, L,
 DRAFT_ORDERS = ("left_to_right", "random")
 
 
-def as_fn(model, kind: str, what: str) -> Callable:
-    """The function of a callable or of a `Denoiser` of `kind` (anything else: ValueError)."""
-    if isinstance(model, Denoiser):
-        if model.kind != kind:
-            raise ValueError(f"{what} must be a Denoiser of kind {kind!r}, got {model.kind!r}")
-        return model.fn
-    if not callable(model):
-        raise ValueError(f"{what} must be a callable or a Denoiser of kind {kind!r}, got "
-                         f"{type(model).__name__}")
-    return model
-
-
 def proposal_log_probs(log_p_x0: Array, vocab: int, mask_id: int) -> Array:
     """SUBS log p_θ(x_0 | x_t) (..., S) -> (..., S) with −inf at states ≥ V (the mask among
     them): what a token is drawn from when the AR vocabulary is V (normalised by the samplers).
@@ -154,8 +142,8 @@ def speculative_sample(ar_log_probs: NextLogProbs | Denoiser, drafter: X0LogProb
     """
     prompt = None if prompt is None else jnp.asarray(prompt, jnp.int32)
     _validate(keys, prompt, length, draft_len, draft_steps, order)
-    ar_fn = as_fn(ar_log_probs, "next_token_log_probs", "ar_log_probs")
-    draft_fn = as_fn(drafter, "x0_log_probs", "drafter")
+    ar_fn = Denoiser.function(ar_log_probs, "next_token_log_probs", "ar_log_probs")
+    draft_fn = Denoiser.function(drafter, "x0_log_probs", "drafter")
     B, P = prompt.shape
     L, k, steps = length, draft_len, draft_steps
     tokens = jnp.zeros((B, L), jnp.int32).at[:, :P].set(prompt)
