@@ -23,7 +23,7 @@ from dlm_jax.config import ConfigError, SamplingConfig
 from dlm_jax.samplers import jacobi, mh, speculative
 from dlm_jax.samplers import masked as masked_samplers
 from dlm_jax.samplers import score as score_samplers
-from dlm_jax.samplers.block import (BLOCK_SAMPLERS, generate_ar, generate_blocks,
+from dlm_jax.samplers.block import (BLOCK_SAMPLERS, eos_lengths, generate_ar, generate_blocks,
                                     generate_score_blocks)
 
 # MDLM (one block): the samplers of `samplers.masked`; "confidence" / "margin" / "entropy" are
@@ -153,7 +153,7 @@ def ar_generator(exp, sampling, length: int) -> Generator:
             dec = method.block_decoder(model, length, cached=sampling.kv_cache,
                                        window=min(length, cfg.data.seq_len))
             return generate_ar(dec, keys, length=length, prompt=prompt, eos_id=eos, **kw)
-        return {**out, "lengths": _stop_lengths_ar(out["tokens"], prompt, eos)}
+        return {**out, "lengths": eos_lengths(out["tokens"], prompt.shape[1], eos)}
     return Generator(name, None, length, window or length if name == "jacobi" else 1,
                      jax.jit(run))
 
@@ -190,20 +190,10 @@ def _drafted_generator(exp, sampling, length: int, name: str, drafter) -> Genera
                                proposal=sampling.mh_proposal, denoiser=draft, mask_id=mask_id,
                                num_masked=min(k, length - P), schedule=schedule)
             nfe, draft_nfe = out["ar_nfe"], out["denoiser_nfe"] + 1
-        return {"tokens": out["tokens"], "lengths": _stop_lengths_ar(out["tokens"], prompt,
-                                                                     _eos(exp, sampling)),
+        return {"tokens": out["tokens"],
+                "lengths": eos_lengths(out["tokens"], prompt.shape[1], _eos(exp, sampling)),
                 "nfe": nfe, "draft_nfe": draft_nfe, "acceptance": out["acceptance"]}
     return Generator(name, sampling.steps or None, length, k, jax.jit(run), d_params)
-
-
-def _stop_lengths_ar(tokens, prompt, eos_id):
-    """Per-row kept lengths: after the first generated EOS, or all (`stop_at_eos`)."""
-    B, L = tokens.shape
-    if eos_id is None:
-        return jnp.full((B,), L, jnp.int32)
-    pos = jnp.arange(L)
-    hit = (tokens == eos_id) & (pos >= prompt.shape[1])
-    return jnp.where(hit.any(-1), jnp.argmax(hit, -1) + 1, L).astype(jnp.int32)
 
 
 def bd3lm_generator(exp, sampling, length: int) -> Generator:

@@ -100,6 +100,14 @@ def _stop_lengths(tokens, end, prompt_len, length, eos_id, stop_entropy, entropy
     return lengths
 
 
+def eos_lengths(tokens: Array, prompt_len: int, eos_id: int | None) -> Array:
+    """(B,) int32 tokens to keep of finished (B, L) rows: through the first EOS after the
+    prompt, or all L (no `eos_id`, or no EOS)."""
+    B, L = tokens.shape
+    return _stop_lengths(tokens, L, prompt_len, L, eos_id, None, 0, 1,
+                         jnp.full((B,), L, jnp.int32))
+
+
 def generate_blocks(decoder: BlockDecoder, keys: Array, *, length: int, block_len: int,
                     steps: int, mask_id: int, schedule, sampler: str = "ancestral",
                     prompt: Array | None = None, temperature: float = 1.0, top_k: int = 0,
@@ -254,6 +262,5 @@ def generate_ar(decoder: BlockDecoder, keys: Array, *, length: int, prompt: Arra
 
     tokens = _initial_tokens(B, length, 0, prompt)
     (tokens, _), _ = jax.lax.scan(step, (tokens, decoder.init(B)), jnp.arange(length - 1))
-    lengths = _stop_lengths(tokens, length, P, length, eos_id, None, 0, 1,
-                            jnp.full((B,), length, jnp.int32))
+    lengths = eos_lengths(tokens, P, eos_id)
     return {"tokens": tokens, "lengths": lengths, "nfe": jnp.int32(length - 1)}
