@@ -2,17 +2,26 @@
 
     python -m dlm_jax.train --config configs/small.py:bd3lm,block=4 --workdir runs/small/bd3lm4
 
-arg: "<family>[,block=N][,process=uniform|absorbing][,steps=N]" with family one of
-`dlm_jax.registry.FAMILIES`. The quickstart's model (DiT 128 × 3, 4 heads, cond 64) on the
-embedded CPython corpus, bytes, length 128, batch 16: every family sees the same tokens in the
-same order (same data seed), so the runs differ only in the objective, process and block size.
-BD3-LM trains from scratch here (the paper fine-tunes a block-L MDLM checkpoint) with the clip
-search and resampling on, as the paper trains it. D3PM uses T = 1000 and λ = 0.01.
+arg: "<family>[,block=N][,process=uniform|absorbing][,steps=N][,eval_every=N]
+[,adapt=AR_RUN[,anneal=N]][,joint=W]" with family one of `dlm_jax.registry.FAMILIES`. The
+quickstart's model (DiT 128 × 3, 4 heads, cond 64) on the embedded CPython corpus, bytes,
+length 128, batch 16: every family sees the same tokens in the same order (same data seed), so
+the runs differ only in the objective, process and block size. BD3-LM trains from scratch here
+(the paper fine-tunes a block-L MDLM checkpoint) with the clip search and resampling on, as the
+paper trains it. D3PM uses T = 1000 and λ = 0.01.
+
+adapt starts a diffusion family from an AR run's weights, with the shift and `anneal` steps of
+attention-mask annealing; joint=W adds W × the AR NLL of a causal pass of the same network
+(`registry.apply_adaptation`):
+
+    python -m dlm_jax.train --config configs/small.py:mdlm,adapt=runs/small/ar,anneal=200 \\
+        --workdir runs/small/mdlm-from-ar
 """
 from dlm_jax.config import Config, parse_arg
-from dlm_jax.registry import apply_family
+from dlm_jax.registry import apply_adaptation, apply_family
 
-OPTIONS = {"block": int, "process": str, "steps": int}
+OPTIONS = {"block": int, "process": str, "steps": int, "eval_every": int, "adapt": str,
+           "anneal": int, "joint": float}
 
 
 def get_config(arg: str | None = None) -> Config:
@@ -32,6 +41,9 @@ def get_config(arg: str | None = None) -> Config:
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.ema_decay = 2e-3, 50, 0.999
     cfg.train.steps, cfg.train.batch_size = opts.get("steps", 1000), 16
     cfg.train.log_every, cfg.train.ckpt_every = 100, 500
-    cfg.train.eval_every, cfg.train.eval_batches = cfg.train.steps, 4
+    cfg.train.eval_every, cfg.train.eval_batches = opts.get("eval_every", cfg.train.steps), 4
+    if "adapt" in opts or "joint" in opts:
+        apply_adaptation(cfg, opts.get("adapt", ""), anneal_steps=opts.get("anneal", 0),
+                         ar_weight=opts.get("joint", 0.0))
     cfg.sampling.num_samples = cfg.sampling.batch_size = 16
     return cfg

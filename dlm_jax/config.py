@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "stdlib"          # stdlib | text | tfds | markov
+    source: str = "stdlib"          # stdlib | text | tfds | markov | ordinal
     paths: tuple = ()               # text: files or globs
     tfds_name: str = ""             # tfds: dataset name (e.g. "lm1b")
     tfds_data_dir: str = ""
@@ -47,6 +47,12 @@ class DataConfig:
     markov_seed: int = 0
     markov_num_tokens: int = 200_000
     markov_concentration: float = 0.1  # Dirichlet concentration of the chain's transition rows
+    # ordinal: quantised sums of sinusoids drawn from `seed` (data.sources.ordinal_sequences);
+    # token k stands for the value k, so the vocabulary is ordered (no tokenizer).
+    ordinal_levels: int = 32        # quantisation levels = the vocabulary
+    ordinal_components: int = 3     # sinusoids per sequence
+    ordinal_noise: float = 0.5      # std of the added Gaussian noise, in level units
+    ordinal_num_tokens: int = 200_000  # tokens generated per split
     num_threads: int = 2
     prefetch: int = 2
     seed: int = 0
@@ -77,7 +83,8 @@ class ModelConfig:
     sigma_max_period: float = 10000.0  # … with periods up to this
     compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
     remat: str = "none"              # none | block (recompute each block) | dots (keep matmul outputs)
-    arch: str = "dit"               # dit | gpt2 (AR only: learned positions, LN bias, tied head)
+    arch: str = "dit"               # dit | gpt2 (AR, or adapted masked diffusion: learned
+                                    # positions, LN bias, tied head)
     n_positions: int = 0            # gpt2: learned position table (0: data.seq_len; validate
                                     # writes the resolved size back)
     layer_norm_eps: float = 1e-5    # gpt2: eps of every LayerNorm
@@ -103,7 +110,17 @@ class DiffusionConfig:
     d3pm_steps: int = 1000
     d3pm_schedule: str = "auto"     # linear | cosine | jsd | auto (uniform: cosine, absorbing: jsd)
     hybrid_lambda: float = 0.01
+    history_noise: tuple = ()       # ar over an ordinal vocabulary: train p(x_i | x̃_<i, σ) on
+                                    # histories x̃ = x + σ·ε, σ drawn per sequence from these
+                                    # levels (level units); () off. Enables sampler "langevin"
     csm_estimator: str = "exact"    # csm: exact (all L·(V-1) neighbours) | sampled (one of each)
+    # AR → diffusion adaptation and joint training (nelbo / score_entropy):
+    shift: bool = False             # the prediction for token i is read at row i − 1 (a block's
+                                    # first row reads itself), the AR head's alignment
+    mask_anneal_steps: int = 0      # training attention inside a block widens from causal to
+                                    # bidirectional over this many steps (0: bidirectional)
+    ar_weight: float = 0.0          # joint training: + ar_weight × the AR NLL of a causal pass
+                                    # of the same network
 
 
 @dataclasses.dataclass
@@ -179,6 +196,8 @@ class SamplingConfig:
     draft_tokens: int = 4           # speculative: tokens per draft; mh: positions per proposal
     mh_proposal: str = "masked"     # mh: masked (the drafter re-draws draft_tokens positions) |
                                     # uniform (one position, a uniform token); steps: MH steps
+    step_size: float = 0.1          # langevin: η = step_size·σ² per update at noise level σ
+                                    # (steps: updates per level of diffusion.history_noise)
     stop_at_eos: bool = False       # variable length: cut each sample after its first EOS
     stop_entropy: float = 0.0       # variable length: stop when the last 256 tokens' entropy
                                     # (nats) falls below this (0: off)
@@ -239,7 +258,7 @@ def block_size(cfg: Config) -> int:
 def validate(cfg: Config) -> Config:
     """Check every field; raise ConfigError naming the first bad key. Returns cfg."""
     d, m, df, o, t, mesh = cfg.data, cfg.model, cfg.diffusion, cfg.optim, cfg.train, cfg.mesh
-    _choice("data.source", d.source, {"stdlib", "text", "tfds", "markov"})
+    _choice("data.source", d.source, {"stdlib", "text", "tfds", "markov", "ordinal"})
     _choice("data.tokenizer", d.tokenizer, {"byte", "gpt2", "hf"})
     _choice("data.mode", d.mode, {"wrap", "pack"})
     _check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2")
@@ -256,6 +275,15 @@ def validate(cfg: Config) -> Config:
     if d.source == "markov":
         _check(d.markov_vocab >= 2, "data.markov_vocab", d.markov_vocab, "must be >= 2")
         _check(d.markov_order >= 1, "data.markov_order", d.markov_order, "must be >= 1")
+    if d.source == "ordinal":
+        _check(2 <= d.ordinal_levels <= 65536, "data.ordinal_levels", d.ordinal_levels,
+               "must be in [2, 65536]")
+        _check(d.ordinal_components >= 1, "data.ordinal_components", d.ordinal_components,
+               "must be >= 1")
+        _check(math.isfinite(d.ordinal_noise) and d.ordinal_noise >= 0, "data.ordinal_noise",
+               d.ordinal_noise, "must be finite and >= 0 (level units)")
+        _check(d.ordinal_num_tokens >= d.seq_len, "data.ordinal_num_tokens",
+               d.ordinal_num_tokens, f"must be >= data.seq_len={d.seq_len}")
 
     _choice("model.size", m.size, {"tiny", "bench", "small", "medium"})
     _choice("model.compute_dtype", m.compute_dtype, {"float32", "bfloat16"})
@@ -295,7 +323,28 @@ def validate(cfg: Config) -> Config:
                "diffusion.var_min", df.var_min, "the clip search needs a continuous-time "
                "objective (nelbo or score_entropy) over the absorbing process")
     _check(df.d3pm_steps >= 1, "diffusion.d3pm_steps", df.d3pm_steps, "must be >= 1")
+    _check(df.mask_anneal_steps >= 0, "diffusion.mask_anneal_steps", df.mask_anneal_steps,
+           "must be >= 0")
+    _check(df.ar_weight >= 0, "diffusion.ar_weight", df.ar_weight, "must be >= 0")
+    for key in ("shift", "mask_anneal_steps", "ar_weight"):
+        if getattr(df, key):
+            _check(df.objective in ("nelbo", "score_entropy"), f"diffusion.{key}",
+                   getattr(df, key), "AR adaptation and joint training apply to the continuous-"
+                   f"time objectives 'nelbo' and 'score_entropy', not {df.objective!r}")
     _check(df.hybrid_lambda >= 0, "diffusion.hybrid_lambda", df.hybrid_lambda, "must be >= 0")
+    if df.history_noise:
+        _check(isinstance(df.history_noise, tuple) and all(
+            isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in df.history_noise),
+            "diffusion.history_noise", df.history_noise,
+            "must be a tuple of finite noise levels σ > 0 (level units)")
+        _check(df.objective == "ar", "diffusion.history_noise", df.history_noise,
+               f"noisy histories train the AR objective (diffusion.objective='ar'), not "
+               f"{df.objective!r}")
+        _check(d.source == "ordinal", "diffusion.history_noise", df.history_noise,
+               f"x + σ·ε needs an ordinal vocabulary (token k = value k): data.source="
+               f"'ordinal', not {d.source!r}")
+        _check(m.arch == "dit", "diffusion.history_noise", df.history_noise,
+               f"the noise-level input is an option of the DiT, not model.arch={m.arch!r}")
 
     _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be finite and > 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
@@ -328,10 +377,16 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < sm.top_p <= 1.0, "sampling.top_p", sm.top_p, "must be in (0, 1]")
     _check(sm.temperature >= 0.0, "sampling.temperature", sm.temperature, "must be >= 0")
     _check(sm.stop_entropy >= 0.0, "sampling.stop_entropy", sm.stop_entropy, "must be >= 0")
+    _check(math.isfinite(sm.step_size) and sm.step_size > 0, "sampling.step_size", sm.step_size,
+           "must be finite and > 0")
 
     if m.arch == "gpt2":
-        _check(df.objective == "ar", "model.arch", m.arch,
-               f"GPT-2 is causal: it needs diffusion.objective='ar', not {df.objective!r}")
+        _check(df.objective in ("ar", "nelbo"), "model.arch", m.arch,
+               f"GPT-2 is the AR model, or (adapted) the denoiser of masked diffusion: it needs "
+               f"diffusion.objective 'ar' or 'nelbo', not {df.objective!r}")
+        _check(df.objective == "ar" or not m.time_conditioning, "model.time_conditioning",
+               m.time_conditioning, "GPT-2 has no σ input (masked diffusion without time "
+               "conditioning, as MDLM / BD3-LM train)")
         _check(m.n_positions == 0 or m.n_positions >= d.seq_len, "model.n_positions",
                m.n_positions, f"GPT-2's position table must cover data.seq_len={d.seq_len} "
                f"(0: exactly that)")
@@ -384,8 +439,9 @@ RESUME_FIXED = (
     "model.scale_by_sigma", "model.sigma_features", "model.sigma_max_period", "model.arch",
     "model.n_positions", "model.layer_norm_eps",
     "diffusion.objective", "diffusion.process", "diffusion.block_size",
-    "diffusion.d3pm_steps", "diffusion.d3pm_schedule", "data.source", "data.tokenizer",
-    "data.tokenizer_path", "data.markov_vocab",
+    "diffusion.d3pm_steps", "diffusion.d3pm_schedule", "diffusion.shift", "data.source",
+    "data.tokenizer",
+    "data.tokenizer_path", "data.markov_vocab", "data.ordinal_levels", "diffusion.history_noise",
 )
 
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.config import ConfigError, SamplingConfig
-from dlm_jax.samplers import jacobi, mh, speculative
+from dlm_jax.methods.base import Denoiser
+from dlm_jax.samplers import categorical, jacobi, langevin, mh, speculative
 from dlm_jax.samplers import masked as masked_samplers
 from dlm_jax.samplers import score as score_samplers
 from dlm_jax.samplers.block import (BLOCK_SAMPLERS, eos_lengths, generate_ar, generate_blocks,
@@ -36,6 +37,9 @@ CTMC_SAMPLERS = ("tau_leaping", "pc")
 # (speculative decoding) or proposal (Metropolis–Hastings). All start from a prompt.
 AR_SAMPLERS = ("ar", "jacobi", "speculative", "mh")
 DRAFTER_SAMPLERS = ("speculative", "mh")
+# AR over an ordinal vocabulary trained on noisy histories (diffusion.history_noise): annealed
+# Langevin on the smoothed likelihood (PnF), all positions in parallel; its "auto".
+LANGEVIN_STEPS = 100                # updates per noise level when sampling.steps = 0
 
 Array = jax.Array
 
@@ -161,9 +165,15 @@ def ar_generator(exp, sampling, length: int) -> Generator:
 def _drafted_generator(exp, sampling, length: int, name: str, drafter) -> Generator:
     """AR "speculative" / "mh": exact draws from the AR model with a masked-diffusion drafter
     (`drafter` = (its experiment, params), `load_drafter`); run(params = {"model", "drafter"},
-    keys, prompt). NFE counts AR passes (the drafter's calls are in "draft_nfe")."""
+    keys, prompt). NFE counts AR passes (the drafter's calls are in "draft_nfe"). The target is
+    the AR model under `sampling.temperature` / `top_k` / `top_p` (its conditionals through
+    `categorical.target_log_probs`): the draws are exact for that distribution."""
     d_exp, d_params = drafter
     _check_length(exp, length)
+    if sampling.temperature == 0.0:
+        raise ConfigError(f"config.sampling.temperature=0 (greedy) has no distribution for "
+                          f"the {name!r} sampler to match: use sampler 'ar' or 'jacobi'")
+    kw = _truncation(sampling)
     if length > d_exp.cfg.data.seq_len:
         raise ConfigError(f"config.sampling.length={length} is longer than the drafter's "
                           f"data.seq_len={d_exp.cfg.data.seq_len}")
@@ -171,7 +181,9 @@ def _drafted_generator(exp, sampling, length: int, name: str, drafter) -> Genera
     mask_id, schedule = d_method.process.mask_id, d_method.schedule
 
     def run(params, keys, prompt):
-        ar = method.denoiser(exp.model(params["model"]))
+        ar_fn = method.denoiser(exp.model(params["model"])).fn
+        ar = Denoiser("next_token_log_probs",
+                      lambda tokens: categorical.target_log_probs(ar_fn(tokens), **kw))
         draft = d_method.denoiser(d_exp.model(params["drafter"]))
         if name == "speculative":
             out = speculative.speculative_sample(
@@ -194,6 +206,29 @@ def _drafted_generator(exp, sampling, length: int, name: str, drafter) -> Genera
                 "lengths": eos_lengths(out["tokens"], prompt.shape[1], _eos(exp, sampling)),
                 "nfe": nfe, "draft_nfe": draft_nfe, "acceptance": out["acceptance"]}
     return Generator(name, sampling.steps or None, length, k, jax.jit(run), d_params)
+
+
+def langevin_generator(exp, sampling, length: int) -> Generator:
+    """AR runs trained on noisy histories (`diffusion.history_noise`): annealed Langevin dynamics
+    on the Gaussian-smoothed likelihood (`samplers.langevin`), all positions at once,
+    `sampling.steps` updates per noise level (0: `LANGEVIN_STEPS`), η = `sampling.step_size`·σ²,
+    from the largest trained level to the smallest, then the posterior mode of each token. NFE:
+    gradient evaluations (a forward + backward pass each count 1) plus the final pass."""
+    levels = tuple(float(v) for v in exp.cfg.diffusion.history_noise)
+    if exp.cfg.diffusion.objective != "ar" or not levels:
+        raise ConfigError("config.sampling.sampler='langevin' needs an AR run trained on noisy "
+                          "histories (diffusion.history_noise, over data.source='ordinal'); "
+                          "this run has none")
+    _check_length(exp, length)
+    method, steps = exp.method, sampling.steps or LANGEVIN_STEPS
+
+    def run(params, keys, prompt):
+        out = langevin.langevin_sample(method.noisy_log_probs(exp.model(params)), keys,
+                                       length=length, sigmas=levels, steps=steps,
+                                       step_size=sampling.step_size, prompt=prompt)
+        return {"tokens": out["tokens"], "lengths": _fixed_length(out["tokens"], length),
+                "nfe": out["nfe"]}
+    return Generator("langevin", steps, length, length, jax.jit(run))
 
 
 def bd3lm_generator(exp, sampling, length: int) -> Generator:
@@ -324,7 +359,8 @@ def encode_prompt(exp, text: str | None, batch: int, sampler: str) -> Any:
     tok = exp.tokenizer
     if text:
         if tok is None:
-            raise ConfigError("--prompt needs a tokenizer; this run's data has none (markov)")
+            raise ConfigError("--prompt needs a tokenizer; this run's data has none (markov / "
+                              "ordinal)")
         ids = list(tok.encode(text.encode() if isinstance(text, str) else text))
     elif sampler in AR_SAMPLERS:
         ids = [document_boundary(exp)]

@@ -81,6 +81,22 @@ def block_causal_mask(length: int, block_size: int) -> Array:
     return (q // block_size) >= (k // block_size)
 
 
+def band_mask(length: int, band) -> Array:
+    """Causal mask widened by `band` keys into the future: query i attends to keys j ≤ i + band.
+
+    band 0 gives `causal_mask`, band ≥ L − 1 `bidirectional_mask`. `band` may be traced (an
+    int32 scalar), so a mask that widens during training (attention-mask annealing from causal
+    to bidirectional, Gong et al., 2025, "Scaling Diffusion Language Models via Adaptation from
+    Autoregressive Models", ICLR) needs no recompile. AND it with `block_causal_mask` (or the
+    two-pass layout) to anneal only inside blocks.
+
+    Returns: (L, L) bool.
+    """
+    length = _check_length(length)
+    q, k = _grid(length, length)
+    return k <= q + jnp.asarray(band, jnp.int32)
+
+
 def bd3lm_two_pass_mask(length: int, block_size: int) -> Array:
     """BD3-LM mask for the fused two-stream input `[x_t ⊕ x_0]` of length 2L.
 

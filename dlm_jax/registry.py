@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -87,6 +89,38 @@ def apply_family(cfg: Config, family: str, *, block: int = 0, process: str | Non
     return set_fields(cfg, dict(fam.per_process).get(df.process, ()))
 
 
+# What an adapted diffusion model takes from the AR run's model section.
+ADAPTED_MODEL_KEYS = ("arch", "size", "width", "depth", "heads", "mlp_ratio", "n_positions",
+                      "layer_norm_eps")
+
+
+def apply_adaptation(cfg: Config, ar_run: str = "", *, anneal_steps: int = 0,
+                     ar_weight: float = 0.0) -> Config:
+    """The AR → diffusion presets, on a config of a continuous-time family (mdlm, bd3lm, sedd).
+
+    ar_run: start from that AR run's weights (`train.init_from`; `models.adapt`), read the
+    predictions with the shift (`diffusion.shift`) and widen the training attention from causal
+    to the family's mask over `anneal_steps` (Gong et al., 2025, "Scaling Diffusion Language
+    Models via Adaptation from Autoregressive Models"). ar_weight > 0: joint training, the AR
+    NLL of a causal pass added with this weight (`diffusion.ar_weight`), also with the shift so
+    both objectives read a position's prediction at the same row. The AR run's architecture (`ADAPTED_MODEL_KEYS` of its config.json, when it exists) is
+    copied, so its weights fit: a GPT-2 import adapts into the bidirectional GPT-2.
+    """
+    if ar_run:
+        cfg.train.init_from = ar_run
+        cfg.diffusion.mask_anneal_steps = anneal_steps
+        path = os.path.join(ar_run, "config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                model = json.load(f).get("model", {})
+            for key in ADAPTED_MODEL_KEYS:
+                if key in model:
+                    setattr(cfg.model, key, model[key])
+    cfg.diffusion.ar_weight = ar_weight
+    cfg.diffusion.shift = bool(ar_run) or ar_weight > 0
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods: objective -> Method, built from the config
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +138,8 @@ def _continuous(cfg: Config, token_vocab: int) -> dict:
     return dict(process=transitions.make_process(df.process, token_vocab),
                 schedule=build_schedule(cfg), seq_len=cfg.data.seq_len,
                 block_size=block_size(cfg), sampling_eps=df.sampling_eps,
-                antithetic=df.antithetic, resample=df.resample)
+                antithetic=df.antithetic, resample=df.resample, shift=df.shift,
+                anneal_steps=df.mask_anneal_steps, ar_weight=df.ar_weight)
 
 
 def _d3pm(cfg: Config, token_vocab: int) -> DiscreteTime:
@@ -128,7 +163,8 @@ def _csm(cfg: Config, token_vocab: int) -> ConcreteScoreMatching:
 
 
 METHODS: dict[str, Callable[[Config, int], Method]] = {
-    "ar": lambda cfg, vocab: Autoregressive(),
+    "ar": lambda cfg, vocab: Autoregressive(
+        history_noise=tuple(float(v) for v in cfg.diffusion.history_noise)),
     "nelbo": lambda cfg, vocab: Masked(**_continuous(cfg, vocab)),
     "score_entropy": lambda cfg, vocab: ScoreEntropy(**_continuous(cfg, vocab),
                                                      scale_by_sigma=cfg.model.scale_by_sigma),
@@ -151,9 +187,11 @@ def build_method(cfg: Config, token_vocab: int) -> Method:
 # ---------------------------------------------------------------------------------------------
 
 def build_tokenizer(cfg: Config):
-    """The tokenizer named by `data.tokenizer` (None for the synthetic Markov source)."""
+    """The tokenizer named by `data.tokenizer` (None for the synthetic Markov and ordinal
+    sources, which yield token ids)."""
+    from dlm_jax.data.pipeline import TOKEN_SOURCES
     from dlm_jax.data.tokenizers import make_tokenizer
-    if cfg.data.source == "markov":
+    if cfg.data.source in TOKEN_SOURCES:
         return None
     return make_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
 
@@ -164,7 +202,8 @@ def build_tokenizer(cfg: Config):
 
 def _new_model(cfg: Config, method: Method, token_vocab: int, seed: int) -> DiT:
     return build_model(cfg.model, vocab_size=method.model_vocab(token_vocab),
-                       causal=method.causal, rngs=nnx.Rngs(seed))
+                       causal=method.causal,
+                       history_noise=bool(cfg.diffusion.history_noise), rngs=nnx.Rngs(seed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +253,8 @@ def build(cfg: Config, devices=None) -> Experiment:
     validate(cfg)
     tokenizer = build_tokenizer(cfg)
     token_vocab = dataset_vocab_size(cfg.data.source, tokenizer,
-                                     markov_vocab=cfg.data.markov_vocab)
+                                     markov_vocab=cfg.data.markov_vocab,
+                                     ordinal_levels=cfg.data.ordinal_levels)
     method = build_method(cfg, token_vocab)
     if cfg.data.mode not in method.data_modes:
         raise ConfigError(f"config.data.mode={cfg.data.mode!r} is not supported by objective "

@@ -4,7 +4,8 @@ The model is rebuilt inside the step from its graph definition and the params pu
 (`nnx.merge`), so the step is a pure function of (state, batch). Per-step randomness is
 `fold_in(key(seed), step)`: a resumed run reproduces the keys of an uninterrupted one, and with
 jax's partitionable threefry the draws do not depend on the mesh. The clip interval of the state
-is passed to the loss as a traced value: a new interval from the clip search needs no recompile.
+is passed to the loss as a traced value: a new interval from the clip search needs no recompile;
+so is the step (attention-mask annealing widens with it).
 """
 from __future__ import annotations
 
@@ -28,15 +29,16 @@ def make_train_step(method, graphdef, tx: optax.GradientTransformation, optim: O
     accum = optim.accum_steps
     lr_fn = learning_rate(optim, total_steps)
 
-    def micro(params, batch, key, clip):
-        return method.loss(nnx.merge(graphdef, params), batch, key, train=True, clip=clip)
+    def micro(params, batch, key, clip, step):
+        return method.loss(nnx.merge(graphdef, params), batch, key, train=True, clip=clip,
+                           step=step)
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         if accum == 1:
-            (loss, _), grads = grad_fn(state.params, batch, key, state.clip)
+            (loss, _), grads = grad_fn(state.params, batch, key, state.clip, state.step)
         else:
             micro_batches = jax.tree.map(
                 lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
@@ -44,7 +46,8 @@ def make_train_step(method, graphdef, tx: optax.GradientTransformation, optim: O
             def body(carry, xs):
                 g_sum, l_sum = carry
                 mb, i = xs
-                (l, _), g = grad_fn(state.params, mb, jax.random.fold_in(key, i), state.clip)
+                (l, _), g = grad_fn(state.params, mb, jax.random.fold_in(key, i), state.clip,
+                                    state.step)
                 return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)

@@ -114,6 +114,21 @@ def test_ar_samplers_with_a_diffusion_drafter(runs, sampler):
             exp.cfg.sampling, sampler=sampler, drafter=runs["ar"]))
 
 
+def test_drafted_samplers_follow_the_truncated_target(runs):
+    """speculative / mh draw from the AR model under temperature / top-k: with top_k=1 the target
+    is the greedy sequence, which speculative decoding must return token for token."""
+    exp, _, _, state = restore_run(runs["ar"])
+    base = dataclasses.replace(exp.cfg.sampling, num_samples=2, batch_size=2, length=24,
+                               top_k=1)
+    greedy, _ = generate_samples(exp, state.params, dataclasses.replace(base, sampler="ar"))
+    spec, _ = generate_samples(exp, state.params, dataclasses.replace(
+        base, sampler="speculative", drafter=runs["bd3lm,block=8"], steps=2, draft_tokens=4))
+    assert [r["tokens"] for r in spec] == [r["tokens"] for r in greedy]
+    with pytest.raises(ConfigError, match="temperature=0 .* use sampler 'ar' or 'jacobi'"):
+        generate_samples(exp, state.params, dataclasses.replace(
+            base, sampler="mh", drafter=runs["bd3lm,block=8"], temperature=0.0))
+
+
 @pytest.mark.parametrize("run,edit,message", [
     ("bd3lm,block=8", _set(sampler="gibbs"), "sampler='gibbs' does not fit bd3lm"),
     ("ar", _set(sampler="first_hitting"), "does not fit the AR family"),

@@ -269,7 +269,8 @@ def _cfg(**model):
 
 
 @pytest.mark.parametrize("arg, field, value, match", [
-    ("mdlm", "model.arch", "gpt2", r"config.model.arch='gpt2': GPT-2 is causal"),
+    ("sedd", "model.arch", "gpt2", r"config.model.arch='gpt2': GPT-2 is the AR model, or"),
+    ("mdlm", "model.time_conditioning", True, r"config.model.time_conditioning=True: GPT-2"),
     ("ar", "model.arch", "gpt3", r"config.model.arch='gpt3' is not allowed"),
     ("ar", "model.n_positions", 16, r"config.model.n_positions=16: .* data.seq_len=32"),
     ("ar", "sampling.length", 64, r"config.sampling.length=64: GPT-2 cannot generate past"),

@@ -77,6 +77,25 @@ def test_categorical_temperature_top_k_top_p():
     assert c[0] == 0 and stats.chisquare(c[1:], [n / 4, 3 * n / 4]).pvalue > 1e-3
 
 
+def test_target_log_probs_is_what_sample_draws_from():
+    """The closed form of `sample`'s distribution, against the draws of the test above."""
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    lp = jnp.log(jnp.asarray(p, jnp.float32))
+    for kw in ({"temperature": 0.5}, {"top_k": 3}, {"top_p": 0.85},
+               {"temperature": 2.0, "top_k": 2}):
+        q = np.exp(np.asarray(categorical.target_log_probs(lp, **kw), np.float64))
+        n = 200_000
+        c = np.asarray(_counts(jax.random.key(7), lp, n, k=kw.get("top_k", 0),
+                               top_p=kw.get("top_p", 1.0),
+                               temperature=kw.get("temperature", 1.0)))
+        np.testing.assert_allclose(q.sum(), 1.0, rtol=1e-6)
+        assert np.all(c[q == 0] == 0)
+        expected = q[q > 0] / q[q > 0].sum() * n  # float32 rounding of q's sum
+        assert stats.chisquare(c[q > 0], expected).pvalue > 1e-3, (kw, c, q)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        categorical.target_log_probs(lp, temperature=0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # block generation driven by an exact oracle
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Data layer: sources (embedded CPython corpus, text files, TFDS, Markov), tokenizers, grain pipelines.
+"""Data layer: sources (embedded CPython corpus, text files, TFDS, Markov, ordinal), tokenizers,
+grain pipelines.
 
 Quick use::
 
@@ -17,6 +18,7 @@ are imported only by the functions that use them.
 from dlm_jax.data.pipeline import (  # noqa: F401
     MODES,
     SOURCES,
+    TOKEN_SOURCES,
     dataset_vocab_size,
     make_dataset,
     markov_chain,
@@ -27,6 +29,7 @@ from dlm_jax.data.pipeline import (  # noqa: F401
 from dlm_jax.data.sources import (  # noqa: F401
     TFDS_PRESETS,
     MarkovChain,
+    ordinal_sequences,
     stdlib_documents,
     text_documents,
     tfds_source,

@@ -12,10 +12,10 @@ Two layouts (``mode``):
 
 Two ways to get there:
 
-* in memory (``stdlib``, ``text``, ``markov``): the documents are tokenized once up front
-  (in numpy; the byte tokenizer is a ``frombuffer``), laid out as an (N, L) array, then served by
-  ``MapDataset.source(rows).shuffle(seed).repeat().batch(B)`` — fast to start (about a second
-  for a few MB) and cheap per step.
+* in memory (``stdlib``, ``text``, ``markov``, ``ordinal``): the documents are tokenized once up
+  front (in numpy; the byte tokenizer is a ``frombuffer``), laid out as an (N, L) array, then
+  served by ``MapDataset.source(rows).shuffle(seed).repeat().batch(B)`` — fast to start (about
+  a second for a few MB) and cheap per step.
 * streaming (``tfds``): for each of ``data.streams`` record streams,
   ``MapDataset.source(array_record)[k::streams].shuffle(seed_k).repeat()`` → per-record
   tokenization on reader threads → ``ConcatThenSplitIterDataset`` (wrap) or
@@ -63,6 +63,7 @@ __all__ = [
     "make_dataset",
     "dataset_vocab_size",
     "markov_chain",
+    "TOKEN_SOURCES",
     "wrap_documents",
     "pack_documents",
     "to_global",
@@ -71,7 +72,10 @@ __all__ = [
     "HostBatches",
 ]
 
-SOURCES = ("stdlib", "text", "tfds", "markov")
+SOURCES = ("stdlib", "text", "tfds", "markov", "ordinal")
+# Synthetic in-memory sources that yield token ids directly: no tokenizer, no EOS/BOS, their own
+# vocabulary size (`dataset_vocab_size`).
+TOKEN_SOURCES = ("markov", "ordinal")
 MODES = ("wrap", "pack")
 
 
@@ -257,13 +261,30 @@ def markov_chain(markov_vocab: int = 16, markov_order: int = 2, markov_seed: int
 
 
 def dataset_vocab_size(source: str, tokenizer: Tokenizer | None = None, *,
-                       markov_vocab: int = 16) -> int:
-    """Number of token ids the data can contain: ``markov_vocab`` or ``tokenizer.vocab_size``."""
+                       markov_vocab: int = 16, ordinal_levels: int = 32) -> int:
+    """Number of token ids the data can contain: ``markov_vocab``, ``ordinal_levels`` or
+    ``tokenizer.vocab_size``."""
     if source == "markov":
         return int(markov_vocab)
+    if source == "ordinal":
+        return int(ordinal_levels)
     if tokenizer is None:
         tokenizer = ByteTokenizer()
     return int(tokenizer.vocab_size)
+
+
+def _token_rows(data: DataConfig, split: str) -> np.ndarray:
+    """(N, seq_len) int32 rows of a `TOKEN_SOURCES` source for `split` (a seed per split)."""
+    seq_len = data.seq_len
+    if data.source == "ordinal":
+        return sources_lib.ordinal_sequences(
+            data.ordinal_num_tokens // seq_len, seq_len, levels=data.ordinal_levels,
+            seed=_derive_seed("ordinal", data.seed, split), components=data.ordinal_components,
+            noise=data.ordinal_noise)
+    chain = markov_chain(data.markov_vocab, data.markov_order, data.markov_seed,
+                         data.markov_concentration)
+    return chain.sample(data.markov_num_tokens // seq_len, seq_len,
+                        _derive_seed("markov", data.markov_seed, split))
 
 
 def _documents(source: str, split: str, *, paths, max_bytes, text_per_line,
@@ -299,8 +320,8 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
 
     * ``source``: "stdlib" (CPython's standard library, no download), "text" (local files,
       ``paths``), "tfds" (prepared array_record dataset ``tfds_name`` under ``tfds_data_dir``,
-      text feature ``text_key``; preset "lm1b" maps validation → test), or "markov" (synthetic
-      chain, no tokenizer).
+      text feature ``text_key``; preset "lm1b" maps validation → test), "markov" (synthetic
+      chain, no tokenizer) or "ordinal" (synthetic quantised waveforms, no tokenizer).
     * ``seq_len`` (L, tokens per row), ``mode`` ("wrap": concatenate and chunk; "pack":
       first-fit packing with segment ids), ``seed`` (shuffle seed; per-epoch reshuffling is
       derived from it), ``pack_bins`` (packing bins for streaming "pack" mode), ``streams``
@@ -314,6 +335,9 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
     * "markov": ``markov_order`` / ``markov_vocab`` / ``markov_seed`` /
       ``markov_concentration`` (the chain, see :func:`markov_chain`) and ``markov_num_tokens``
       (tokens generated for this split).
+    * "ordinal": ``ordinal_levels`` (the vocabulary: token k is the value k),
+      ``ordinal_components`` / ``ordinal_noise`` (see :func:`sources.ordinal_sequences`) and
+      ``ordinal_num_tokens`` (tokens generated for this split), all drawn from ``seed``.
     * ``num_threads`` / ``prefetch``: reader threads and prefetch buffer (``grain.ReadOptions``);
       threads, not processes, as grain worker processes are slower on small CPUs.
 
@@ -326,7 +350,7 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
       global_batch: rows per step over all hosts; each host yields ``global_batch //
         process_count`` (must divide).
       tokenizer: a :class:`~dlm_jax.data.tokenizers.Tokenizer`; None = byte tokenizer. Ignored
-        by "markov".
+        by "markov" and "ordinal".
       shuffle / repeat: shuffle rows (records for TFDS); repeat forever (False = one pass).
       process_index / process_count: this host and the number of hosts; host i gets rows
         ``[i * B/n, (i + 1) * B/n)`` of every global batch, which do not depend on n.
@@ -386,11 +410,8 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
             stream=k, streams=streams, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
             pack_bins=data.pack_bins, read_options=stream_options) for k in mine})
 
-    if source == "markov":
-        chain = markov_chain(data.markov_vocab, data.markov_order, data.markov_seed,
-                             data.markov_concentration)
-        tokens = chain.sample(data.markov_num_tokens // seq_len, seq_len,
-                              _derive_seed("markov", data.markov_seed, split))
+    if source in TOKEN_SOURCES:
+        tokens = _token_rows(data, split)
         arrays = {"tokens": tokens}
         if mode == "pack":
             arrays["segment_ids"] = np.ones_like(tokens)
@@ -410,8 +431,8 @@ def make_dataset(data: DataConfig, *, split: str, global_batch: int,
     if num_rows < global_batch:
         raise ValueError(
             f"source={source!r} split={split!r} has {num_rows} sequences of seq_len={seq_len}, "
-            f"fewer than one batch of {global_batch}; raise max_bytes / markov_num_tokens or "
-            f"lower seq_len / the batch size")
+            f"fewer than one batch of {global_batch}; raise max_bytes / markov_num_tokens / "
+            f"ordinal_num_tokens or lower seq_len / the batch size")
     ds = grain.MapDataset.source(_RowSource(arrays))
     if shuffle:
         ds = ds.shuffle(seed=seed)

@@ -1,8 +1,9 @@
-"""Document sources: the embedded CPython corpus, local text files, TFDS, a synthetic Markov chain.
+"""Document sources: the embedded CPython corpus, local text files, TFDS, a synthetic Markov chain
+and synthetic ordinal (quantised waveform) sequences.
 
 All sources are deterministic: the same arguments give the same documents in the same order on
-any machine with the same files. Text sources return documents as ``bytes``; the Markov source
-returns token arrays directly.
+any machine with the same files. Text sources return documents as ``bytes``; the Markov and
+ordinal sources return token arrays directly.
 
 Train/validation splits of file-based sources are decided by a stable hash (BLAKE2b) of a
 document key (a relative path, or ``path:line``), so adding or removing one file never moves
@@ -33,6 +34,7 @@ __all__ = [
     "resolve_tfds",
     "tfds_source",
     "MarkovChain",
+    "ordinal_sequences",
 ]
 
 SPLITS = ("train", "validation")
@@ -530,3 +532,39 @@ class MarkovChain:
             out[:, t - self.order] = np.log(self.transition[state, seqs[:, t]])
             state = self._next_state(state, seqs[:, t])
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# (5) A synthetic ordinal source: quantised audio-like waveforms.
+# --------------------------------------------------------------------------------------------
+
+
+def ordinal_sequences(num_seqs: int, length: int, *, levels: int = 32, seed: int = 0,
+                      components: int = 3, noise: float = 0.5) -> np.ndarray:
+    """``num_seqs`` independent quantised waveforms, int32 of shape (num_seqs, length), with
+    values in {0, …, levels − 1}: an ordinal vocabulary, token k stands for the value k (like
+    8-bit audio samples, at a smaller bit depth).
+
+    Row n is s(t) = g · Σ_c a_c sin(2π f_c t + φ_c) / Σ_c a_c over `components` sinusoids with
+    amplitudes a_c ~ U[0.2, 1], frequencies f_c log-uniform in [1/64, 1/8] cycles per sample,
+    phases φ_c ~ U[0, 2π) and a gain g ~ U[0.4, 0.9] (so |s| < 0.9); the value is
+    (levels − 1)/2 · (1 + s(t)) + noise · N(0, 1) (level units), rounded and clipped to the
+    levels. The same arguments give the same array on any machine (PCG64 from a SeedSequence).
+    """
+    if levels < 2:
+        raise ValueError(f"ordinal_levels must be >= 2, got {levels}")
+    if components < 1:
+        raise ValueError(f"ordinal_components must be >= 1, got {components}")
+    if noise < 0:
+        raise ValueError(f"ordinal_noise must be >= 0, got {noise}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), levels, components, 4242]))
+    shape = (num_seqs, components, 1)
+    amp = rng.uniform(0.2, 1.0, shape)
+    freq = np.exp(rng.uniform(np.log(1 / 64), np.log(1 / 8), shape))
+    phase = rng.uniform(0.0, 2 * np.pi, shape)
+    gain = rng.uniform(0.4, 0.9, (num_seqs, 1))
+    t = np.arange(length, dtype=np.float64)[None, None, :]
+    s = gain * (amp * np.sin(2 * np.pi * freq * t + phase)).sum(1) / amp.sum(1)
+    half = (levels - 1) / 2.0
+    values = half * (1.0 + s) + noise * rng.standard_normal((num_seqs, length))
+    return np.clip(np.rint(values), 0, levels - 1).astype(np.int32)

@@ -93,18 +93,43 @@ def restore_run(workdir: str, overrides=None):
 
 def initial_params(workdir: str, exp):
     """The (EMA) parameters of the newest checkpoint of run `workdir` (`train.init_from`), placed
-    on `exp`'s parameter shardings. ConfigError lists every parameter that does not fit `exp`'s
-    model (missing, extra or another shape)."""
+    on `exp`'s parameter shardings. An AR run (causal DiT) starting a diffusion model is adapted
+    (`models.adapt.ar_to_diffusion`: the AR function, adaLN at identity, extra mask state).
+    ConfigError lists every parameter that does not fit `exp`'s model (missing, extra or
+    another shape)."""
     from dlm_jax.config import ConfigError
     try:
-        _, _, step, state = restore_run(workdir)
+        src, _, step, state = restore_run(workdir)
     except FileNotFoundError as e:
         raise ConfigError(f"config.train.init_from={workdir!r}: {e}") from None
     from dlm_jax.models.convert import shape_problems
     params = jax.device_get(state.eval_params)
+    if src.method.causal and not exp.method.causal:
+        params = _adapted(workdir, src, params, exp)
     problems = shape_problems(params, exp.abstract_params)
     if problems:
         raise ConfigError(f"config.train.init_from={workdir!r} (step {step}): its parameters do "
                           f"not fit this model: " + "; ".join(problems[:8])
                           + (f"; … {len(problems) - 8} more" if len(problems) > 8 else ""))
     return jax.device_put(params, exp.param_shardings)
+
+
+def _adapted(workdir: str, src, params, exp):
+    """AR params of run `src` as the starting point of the diffusion model of `exp`."""
+    from flax import nnx
+
+    from dlm_jax.config import ConfigError
+    from dlm_jax.models.adapt import ar_to_diffusion
+    where = f"config.train.init_from={workdir!r}"
+    if src.cfg.model.arch != exp.cfg.model.arch:
+        raise ConfigError(f"{where} is a model.arch={src.cfg.model.arch!r} AR run, this run "
+                          f"model.arch={exp.cfg.model.arch!r}: adaptation keeps the "
+                          f"architecture (registry.apply_adaptation copies it from the run)")
+    if src.token_vocab != exp.token_vocab:
+        raise ConfigError(f"{where} has {src.token_vocab} tokens, this run {exp.token_vocab}: "
+                          f"adaptation needs the same tokenizer")
+    init = nnx.to_pure_dict(nnx.state(exp.new_model(exp.cfg.train.seed)))
+    try:
+        return ar_to_diffusion(params, init)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -20,7 +20,8 @@ class Validation:
     def __init__(self, exp, eval_step, batches: int):
         self.exp, self.eval_step, self.batches = exp, eval_step, batches
         data = exp.cfg.data
-        self.bits_per_byte = data.source != "markov" and data.tokenizer == "byte"
+        from dlm_jax.data.pipeline import TOKEN_SOURCES
+        self.bits_per_byte = data.source not in TOKEN_SOURCES and data.tokenizer == "byte"
 
     def __call__(self, params, batches) -> tuple[dict, dict]:
         with jax.set_mesh(self.exp.mesh):

@@ -1,4 +1,5 @@
-"""The autoregressive baseline: a causal transformer trained with next-token NLL."""
+"""The autoregressive baseline: a causal transformer trained with next-token NLL; optionally on
+noisy histories of an ordinal vocabulary (PnF), which Langevin sampling needs."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,22 +8,38 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.methods.base import Denoiser, Method, attention_flops, dropout_key
-from dlm_jax.objectives.ar import ar_nll
+from dlm_jax.objectives.ar import ar_nll, noisy_history
 from dlm_jax.samplers.block import BlockDecoder
 
 
 @dataclasses.dataclass(frozen=True)
 class Autoregressive(Method):
-    """Logits at position i predict token i + 1 (`objectives.ar`); packed batches supported."""
+    """Logits at position i predict token i + 1 (`objectives.ar`); packed batches supported.
+
+    history_noise: noise levels σ (level units) of noisy-history training over an ordinal
+    vocabulary (Jayaram & Thickstun, 2021): the model reads x̃ = x + σ·ε with one σ per sequence
+    from these levels (`objectives.ar.noisy_history`) and σ itself, and predicts the clean next
+    token; () is plain AR. Its evaluation loss is that NLL averaged over the levels, not a
+    likelihood of the data (no perplexity). Sampler "langevin" (`samplers.langevin`) uses it.
+    """
 
     name = "ar"
     causal = True
     data_modes = ("wrap", "pack")
+    history_noise: tuple = ()
 
-    def loss(self, model, batch, key, *, train, clip=None):
-        del clip
+    @property
+    def likelihood_bound(self) -> bool:
+        return not self.history_noise
+
+    def loss(self, model, batch, key, *, train, clip=None, step=None):
+        del clip, step
         tokens = batch["tokens"]
-        logits = model(tokens, None, deterministic=not train, rngs=dropout_key(key, train))
+        inputs, sigma = tokens, None
+        if self.history_noise:
+            key, k_noise = jax.random.split(key)
+            inputs, sigma = noisy_history(k_noise, tokens, self.history_noise)
+        logits = model(inputs, sigma, deterministic=not train, rngs=dropout_key(key, train))
         _, aux = ar_nll(logits, tokens, segment_ids=batch.get("segment_ids"))
         loss = aux["nll_sum"] / jax.numpy.maximum(aux["num_targets"], 1.0)
         return loss, {"loss": loss}
@@ -31,8 +48,15 @@ class Autoregressive(Method):
         return Denoiser("next_token_log_probs",
                         lambda tokens: jax.nn.log_softmax(model(tokens, None), axis=-1))
 
+    def noisy_log_probs(self, model):
+        """values (B, L) float, σ (B,) -> (B, L, V): log p_θ(x_{i+1} = k | x̃_{≤i}, σ) at row i,
+        one causal pass (the input of `samplers.langevin`; needs `history_noise`)."""
+        return lambda values, sigma: jax.nn.log_softmax(model(values, sigma), axis=-1)
+
     def generator(self, exp, sampling, length):
-        from dlm_jax.generation import ar_generator
+        from dlm_jax.generation import ar_generator, langevin_generator
+        if sampling.sampler == "langevin" or (sampling.sampler == "auto" and self.history_noise):
+            return langevin_generator(exp, sampling, length)
         return ar_generator(exp, sampling, length)
 
     def block_decoder(self, model, length: int, *, cached: bool = True,

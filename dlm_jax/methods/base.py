@@ -4,9 +4,10 @@ A `Method` gathers, in one object of plain functions, everything that depends on
 
   * the model it needs: `causal`, and `model_vocab(token_vocab)` (the state count, the mask
     included where the process has one);
-  * `loss(model, batch, key, *, train, clip=None) -> (scalar, metrics)`: the mean per-token
-    objective in nats/token over the batch's real tokens (metrics hold scalars, "loss" among
-    them). `clip` is the training time interval (2,) of a clipped schedule (BD3-LM), traced;
+  * `loss(model, batch, key, *, train, clip=None, step=None) -> (scalar, metrics)`: the mean
+    per-token objective in nats/token over the batch's real tokens (metrics hold scalars, "loss"
+    among them). `clip` is the training time interval (2,) of a clipped schedule (BD3-LM) and
+    `step` the training step (attention-mask annealing), both traced;
   * `denoiser(model) -> Denoiser`: what samplers call, with its documented meaning;
   * `flops_per_token(...)`: the matmul and attention FLOPs one training token costs, counting
     the attention that is actually computed;
@@ -24,7 +25,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.masks import block_causal_mask
+from dlm_jax.masks import band_mask, block_causal_mask, causal_mask
+from dlm_jax.objectives.ar import ar_nll
 from dlm_jax.processes import corruption
 from dlm_jax.processes.schedules import Schedule
 from dlm_jax.samplers.block import BlockDecoder
@@ -83,6 +85,20 @@ def token_mean(per_token: Array, batch: dict) -> Array:
     return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
+def shift_rows(raw: Array, block_size: int) -> Array:
+    """The shift of AR adaptation: row i − 1 of raw outputs (B, L, S) becomes the prediction of
+    position i, inside each block of `block_size` (which divides L); a block's first position
+    keeps its own row. An AR model's row i − 1 predicts token i, so a diffusion model
+    initialised from it starts from the AR head's alignment (Gong et al., 2025, "Scaling
+    Diffusion Language Models via Adaptation from Autoregressive Models", ICLR). Within blocks,
+    so a block's predictions still come from rows that see the block (two-pass training, the KV
+    cache).
+    """
+    B, L, S = raw.shape
+    r = raw.reshape(B, L // block_size, block_size, S)
+    return jnp.concatenate([r[:, :, :1], r[:, :, :-1]], axis=2).reshape(B, L, S)
+
+
 def attention_flops(depth: int, width: int, keys_per_token: float) -> float:
     """Forward + backward FLOPs of the attention scores and values: 12·depth·D·keys per token."""
     return 12.0 * depth * width * keys_per_token
@@ -104,7 +120,7 @@ class Method:
         return token_vocab
 
     def loss(self, model, batch: dict, key: Array, *, train: bool,
-             clip: Array | None = None) -> tuple[Array, Metrics]:
+             clip: Array | None = None, step: Array | None = None) -> tuple[Array, Metrics]:
         raise NotImplementedError
 
     def denoiser(self, model) -> Denoiser:
@@ -134,6 +150,16 @@ class ContinuousTime(Method):
     NELBO); x_t from the process (BD3-LM's `resample` rule when on); the model on x_t (one block)
     or the two-pass [x_t ⊕ x_0] input (blocks), conditioned on σ̄ per sequence (one block) or per
     token (blocks); then `terms(raw, x0, xt, t)` gives the per-token objective.
+
+    AR adaptation and joint training (fields off by default):
+      shift: the prediction for position i is read at row i − 1 (`shift_rows`), in training,
+        evaluation and sampling alike.
+      anneal_steps: in training, attention inside each block is limited to keys j ≤ i + band,
+        band growing linearly from 0 (causal) at step 0 to Lb − 1 (the target mask) at this
+        step; evaluation and sampling always use the target mask.
+      ar_weight: joint training: the loss adds ar_weight × the AR NLL of a causal pass of the
+        same network over x_0 at σ = 0 (logits at row i predict token i + 1 over the real
+        tokens). Evaluation reports the NELBO as "loss" (the bound) and "ar_nll" beside it.
     """
 
     process: Any
@@ -143,10 +169,43 @@ class ContinuousTime(Method):
     sampling_eps: float = 1e-3
     antithetic: bool = True
     resample: bool = False
+    shift: bool = False
+    anneal_steps: int = 0
+    ar_weight: float = 0.0
 
     @property
     def blocks(self) -> bool:
         return self.block_size < self.seq_len
+
+    @property
+    def token_vocab(self) -> int:
+        """V, the real tokens (the states but the mask)."""
+        mask_id = self.process.mask_id
+        return self.process.num_states if mask_id is None else mask_id
+
+    def outputs(self, raw: Array) -> Array:
+        """Raw outputs (B, L, S) of a sequence or of one block (L = Lb) as per-position
+        predictions: shifted inside blocks with `shift`, as they are otherwise."""
+        if not self.shift:
+            return raw
+        return shift_rows(raw, min(self.block_size, raw.shape[1]))
+
+    def band(self, step: Array | None) -> Array | None:
+        """The annealed attention band inside a block at training `step` (None: the target
+        mask): ⌊min(step / anneal_steps, 1) · (Lb − 1)⌋, int32."""
+        if not self.anneal_steps or step is None:
+            return None
+        frac = jnp.minimum(jnp.asarray(step, jnp.float32) / self.anneal_steps, 1.0)
+        return jnp.floor(frac * (self.block_size - 1)).astype(jnp.int32)
+
+    def ar_loss(self, model, batch: dict, key: Array, *, train: bool) -> Array:
+        """Mean AR NLL (nats/token) of a causal pass of the (diffusion) model over x_0 at σ = 0,
+        over the real tokens' logits (joint training)."""
+        x0 = batch["tokens"]
+        logits = model(x0, jnp.zeros(x0.shape[:1], jnp.float32), mask=causal_mask(x0.shape[1]),
+                       deterministic=not train, rngs=dropout_key(key, train))
+        _, aux = ar_nll(logits[..., :self.token_vocab], x0, segment_ids=batch.get("segment_ids"))
+        return aux["nll_sum"] / jnp.maximum(aux["num_targets"], 1.0)
 
     def model_vocab(self, token_vocab: int) -> int:
         return self.process.num_states
@@ -161,9 +220,10 @@ class ContinuousTime(Method):
             return self.schedule.sigma_bar(corruption.block_times(t_blocks, self.block_size))
         return self.schedule.sigma_bar(t_blocks[:, 0])
 
-    def per_token(self, model, x0: Array, key: Array, *, train: bool, bounds, resample: bool
-                  ) -> tuple[Array, Metrics]:
-        """Per-token values (B, L) for one draw of times in `bounds` (floats or traced) and x_t."""
+    def per_token(self, model, x0: Array, key: Array, *, train: bool, bounds, resample: bool,
+                  band: Array | None = None) -> tuple[Array, Metrics]:
+        """Per-token values (B, L) for one draw of times in `bounds` (floats or traced) and x_t;
+        `band`: the annealed attention band inside blocks (None: the target mask)."""
         B, L = x0.shape
         k_t, k_x, k_drop = jax.random.split(key, 3)
         t_blocks = corruption.sample_times(k_t, (B, L // self.block_size), t_min=bounds[0],
@@ -174,23 +234,45 @@ class ContinuousTime(Method):
         sigma = self.conditioning(t_blocks)
         rngs = dropout_key(k_drop, train)
         if self.blocks:
-            raw = model.two_pass(xt, x0, sigma, self.block_size, deterministic=not train,
-                                 rngs=rngs)
+            raw = model.two_pass(xt, x0, sigma, self.block_size, band=band,
+                                 deterministic=not train, rngs=rngs)
         else:
-            raw = model(xt, sigma, deterministic=not train, rngs=rngs)
-        return self.terms(raw, x0, xt, corruption.block_times(t_blocks, self.block_size))
+            mask = None if band is None else band_mask(L, band)
+            raw = model(xt, sigma, mask=mask, deterministic=not train, rngs=rngs)
+        return self.terms(self.outputs(raw), x0, xt,
+                          corruption.block_times(t_blocks, self.block_size))
 
-    def loss(self, model, batch, key, *, train, clip=None):
+    def loss(self, model, batch, key, *, train, clip=None, step=None):
         x0 = batch["tokens"]
+        if self.ar_weight:  # only then split: runs without the AR term keep their keys
+            key, k_ar = jax.random.split(key)
         if train:
             bounds = (self.sampling_eps, 1.0) if clip is None else (clip[0], clip[1])
             per_token, aux = self.per_token(model, x0, key, train=True, bounds=bounds,
-                                            resample=self.resample)
+                                            resample=self.resample, band=self.band(step))
         else:
             per_token, aux = self.per_token(model, x0, key, train=False,
                                             bounds=(self.sampling_eps, 1.0), resample=False)
         loss = token_mean(per_token, batch)
-        return loss, {"loss": loss}
+        if not self.ar_weight:
+            return loss, {"loss": loss}
+        ar = self.ar_loss(model, batch, k_ar, train=train)
+        total = loss + self.ar_weight * ar if train else loss
+        return total, {"loss": total, "nelbo": loss, "ar_nll": ar}
+
+    def generator(self, exp, sampling, length):
+        """A joint run (`ar_weight` > 0) decodes either way: an AR sampler name (ar, jacobi, …)
+        reads the network causally (`methods.joint.CausalView`); anything else is the family's
+        diffusion sampler (`diffusion_generator`)."""
+        from dlm_jax.generation import AR_SAMPLERS, ar_generator
+        if self.ar_weight and sampling.sampler in AR_SAMPLERS:
+            from dlm_jax.methods.joint import CausalView
+            view = dataclasses.replace(exp, method=CausalView(vocab=self.token_vocab))
+            return ar_generator(view, sampling, length)
+        return self.diffusion_generator(exp, sampling, length)
+
+    def diffusion_generator(self, exp, sampling, length):
+        return super().generator(exp, sampling, length)
 
     def block_nelbo(self, model, x0: Array, key: Array, bounds) -> Array:
         """(B, K) per-block mean objective at times in `bounds` with the resample rule (evaluation
@@ -203,7 +285,7 @@ class ContinuousTime(Method):
         """(xt (B, L), σ̄ (B,) | (B, L)) -> raw outputs (B, L, S), block-causal with blocks."""
         def raw(xt, sigma_bar):
             mask = block_causal_mask(xt.shape[1], self.block_size) if self.blocks else None
-            return model(xt, sigma_bar, mask=mask)
+            return self.outputs(model(xt, sigma_bar, mask=mask))
         return raw
 
     def block_decoder(self, model, length: int, *, cached: bool = True,
@@ -231,7 +313,7 @@ class ContinuousTime(Method):
 
             def log_probs(block, sigma, cache):
                 raw = model.decode_block(block, sigma, cache, commit=False)[0]
-                return self.block_output(raw, block, sigma)
+                return self.block_output(self.outputs(raw), block, sigma)
 
             def commit(block, cache):
                 zero = jnp.zeros((block.shape[0],), jnp.float32)
@@ -251,7 +333,7 @@ class ContinuousTime(Method):
             return jax.lax.dynamic_slice_in_dim(logits, start, block.shape[1], axis=1), x
 
         def log_probs_full(block, sigma, cache):
-            return self.block_output(full(block, sigma, cache)[0], block, sigma)
+            return self.block_output(self.outputs(full(block, sigma, cache)[0]), block, sigma)
 
         def commit_full(block, cache):
             raw, x = full(block, jnp.zeros((block.shape[0],), jnp.float32), cache)

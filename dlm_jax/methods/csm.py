@@ -49,8 +49,8 @@ class ConcreteScoreMatching(Method):
             return model(x, sigma, deterministic=not train, rngs=k).astype(jnp.float32)
         return raw
 
-    def loss(self, model, batch, key, *, train, clip=None):
-        del clip
+    def loss(self, model, batch, key, *, train, clip=None, step=None):
+        del clip, step
         x = batch["tokens"]
         k_nb, k_drop = jax.random.split(key)
         raw = self._raw_fn(model, k_drop if train else None, train)

@@ -55,8 +55,8 @@ class ContinuousTimeELBO(Method):
         probs = jnp.full((S,), alpha / (S - 1), jnp.float32)
         return probs.at[self.process.mask_id].set(1.0 - alpha)
 
-    def loss(self, model, batch, key, *, train, clip=None):
-        del clip
+    def loss(self, model, batch, key, *, train, clip=None, step=None):
+        del clip, step
         x0 = batch["tokens"]
         B = x0.shape[0]
         k_t, k_x, k_j, k_drop = jax.random.split(key, 4)

@@ -26,10 +26,10 @@ class DiscreteTime(Method):
     def model_vocab(self, token_vocab: int) -> int:
         return self.process.num_states
 
-    def loss(self, model, batch, key, *, train, clip=None):
+    def loss(self, model, batch, key, *, train, clip=None, step=None):
         """Training: uniform t, x_t ~ q(x_t | x_0), T·L_t + λ·CE. Evaluation: λ = 0 plus the prior
         KL(q(x_T | x_0) ‖ π), an unbiased estimate of the discrete-time NELBO."""
-        del clip
+        del clip, step
         x0 = batch["tokens"]
         k_t, k_x, k_drop = jax.random.split(key, 3)
         t = jax.random.randint(k_t, (x0.shape[0],), 1, self.process.num_steps + 1)

@@ -35,7 +35,7 @@ class Masked(ContinuousTime):
             return subs_log_probs(raw(xt, sigma_bar), xt, self.process.mask_id)
         return Denoiser("x0_log_probs", x0_log_probs)
 
-    def generator(self, exp, sampling, length):
+    def diffusion_generator(self, exp, sampling, length):
         from dlm_jax.generation import bd3lm_generator, mdlm_generator
         return (bd3lm_generator if self.blocks else mdlm_generator)(exp, sampling, length)
 

@@ -57,7 +57,7 @@ class ScoreEntropy(ContinuousTime):
         return score_entropy(self.process, self.log_score(raw, xt, sigma_bar), xt, x0, sigma_bar,
                              self.schedule.sigma(t))
 
-    def generator(self, exp, sampling, length):
+    def diffusion_generator(self, exp, sampling, length):
         from dlm_jax.generation import score_generator, sedd_blocks_generator
         if self.blocks:
             return sedd_blocks_generator(exp, sampling, length)

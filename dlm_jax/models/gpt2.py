@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dlm_jax.masks import causal_mask
+from dlm_jax.masks import band_mask, bd3lm_two_pass_mask, causal_mask
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (LayerNorm, attend, attend_with_prefix, dropout, dropout_key,
                                    make_param, matmul_rows, zeros)
@@ -104,13 +104,15 @@ class GPT2Attention(nnx.Module):
                 + self.out_bias[...].astype(self.dtype))
 
 
-def attend_with_dropout(q: Array, k: Array, v: Array, mask: Array, rate: float,
+def attend_with_dropout(q: Array, k: Array, v: Array, mask: Array | None, rate: float,
                         key: Array) -> Array:
     """Softmax attention with dropout on the probabilities (training only; `layers.attend`'s
-    fused path has no dropout). q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk).
-    Returns (B, Lq, H, Dh) in q's dtype."""
+    fused path has no dropout). q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk)
+    or None (full). Returns (B, Lq, H, Dh) in q's dtype."""
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    s = jnp.where(mask[:, None], s / math.sqrt(q.shape[-1]), jnp.float32(-1e30))
+    s = s / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = jnp.where(mask[:, None], s, jnp.float32(-1e30))
     p = dropout(jax.nn.softmax(s, axis=-1), rate, key, False)
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v).astype(q.dtype)
 
@@ -148,10 +150,10 @@ class GPT2Block(nnx.Module):
         branch = self.mlp(self.ln_2(h))
         return h + dropout(branch, self.dropout_rate, keys[1], deterministic).astype(jnp.float32)
 
-    def __call__(self, h: Array, mask: Array, *, deterministic: bool = True,
+    def __call__(self, h: Array, mask: Array | None, *, deterministic: bool = True,
                  key: Array | None = None) -> Array:
-        """h (B, L, D) float32, mask bool (B|1, L, L) (causal, maybe ANDed with the user's)
-        -> (B, L, D) float32."""
+        """h (B, L, D) float32, mask bool (B|1, L, L) (causal, maybe ANDed with the user's) or
+        None (full: the bidirectional variant) -> (B, L, D) float32."""
         k_attn, *keys = _split_keys(key, 3)
         q, k, v = self.attn.project(self.ln_1(h))
         if deterministic or self.dropout_rate == 0.0:
@@ -165,8 +167,8 @@ class GPT2Block(nnx.Module):
         """One block over the cached prefix plus the current block (no dropout).
 
         h (B, Lb, D) float32; k_cache/v_cache (B, H, W, Dh); cache_mask bool (1, Lb, W) (slot
-        valid); block_mask bool (1, Lb, Lb) (causal). Returns the new h (B, Lb, D) and the
-        block's k and v (B, Lb, H, Dh) for the cache.
+        valid); block_mask bool (1, Lb, Lb) (causal) or None. Returns the new h (B, Lb, D) and
+        the block's k and v (B, Lb, H, Dh) for the cache.
         """
         q, k, v = self.attn.project(self.ln_1(h))
         o = attend_with_prefix(q, k_cache.astype(q.dtype), v_cache, cache_mask, k, v, block_mask)
@@ -180,25 +182,26 @@ class GPT2Block(nnx.Module):
 
 class GPT2(nnx.Module):
     """GPT-2 language model with the causal `DiT`'s interface (`__call__`, `init_cache`,
-    `decode_block`); σ is accepted and ignored.
+    `decode_block`); σ is accepted and ignored. With causal=False, the same network as a masked
+    diffusion model's denoiser (AR → diffusion adaptation of GPT-2 weights, `models.adapt`):
+    attention follows the given mask only (full by default), and `two_pass` trains BD3-LM.
 
     Args:
       vocab_size: V. width, depth, heads: D, N, H (D % H == 0).
       n_positions: P, the learned position table (the longest sequence the model can read).
       mlp_hidden: F, the MLP hidden width (default 4D; HF `n_inner`).
       layer_norm_eps: eps of every LayerNorm (HF `layer_norm_epsilon`).
+      causal: AND the causal mask into every attention (the language model); False: none.
       dropout: embedding / attention / residual dropout rate (deterministic=False only).
       remat: "none" | "block" | "dots", per block, as `DiT`'s (values unchanged).
       dtype: compute dtype of matmuls; params are `param_dtype`.
       rngs: parameter initialisation RNG (the ``params`` stream).
     """
 
-    causal = True
-
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
                  n_positions: int, mlp_hidden: int | None = None, layer_norm_eps: float = 1e-5,
-                 dropout: float = 0.0, remat: str = "none", dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout: float = 0.0, remat: str = "none", causal: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads:
             raise ValueError(f"GPT-2 width {width} must split into {heads} heads")
         if n_positions < 1:
@@ -206,6 +209,7 @@ class GPT2(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; choose from {sorted(REMAT_POLICIES)}")
         self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
+        self.causal = causal
         self.head_dim = width // heads
         self.n_positions, self.mlp_hidden = n_positions, mlp_hidden or 4 * width
         self.layer_norm_eps, self.dropout, self.remat, self.dtype = (
@@ -270,10 +274,11 @@ class GPT2(nnx.Module):
         """The final hidden states LN_f(h) (B, L, D) float32 (HF `last_hidden_state`)."""
         B, L = tokens.shape
         self._check_positions(L, positions)
-        causal = causal_mask(L)[None]
         if mask is not None:
             mask = jnp.asarray(mask, bool)
-            causal = (mask[None] if mask.ndim == 2 else mask) & causal
+            mask = mask[None] if mask.ndim == 2 else mask
+        if self.causal:
+            mask = causal_mask(L)[None] if mask is None else mask & causal_mask(L)[None]
         if positions is None:
             positions = jnp.arange(L, dtype=jnp.int32)
         positions = jnp.asarray(positions)
@@ -282,7 +287,7 @@ class GPT2(nnx.Module):
         k_embd, *keys = _split_keys(key, self.depth + 1)
         h = dropout(self._embed(tokens, positions), self.dropout, k_embd, deterministic)
         for block, k in zip(self.blocks, keys):
-            h = self._apply_block(block, h, causal, deterministic=deterministic, key=k)
+            h = self._apply_block(block, h, mask, deterministic=deterministic, key=k)
         return self.ln_f(h)
 
     def __call__(self, tokens: Array, sigma: Array | None = None, *, mask: Array | None = None,
@@ -291,13 +296,33 @@ class GPT2(nnx.Module):
         """Logits (B, L, V) float32 for tokens (B, L) int32; position i predicts token i + 1.
 
         sigma: ignored (the AR interface). mask: bool (B|1, L, L) or (L, L), ANDed with the
-        causal mask. positions: (B|1, L) or (L,) indices into wpe, default 0…L−1 (a static
-        L > n_positions, or concrete positions outside the table, raise ValueError).
+        causal mask (causal=False: the mask alone; None: full). positions: (B|1, L) or (L,)
+        indices into wpe, default 0…L−1 (a static L > n_positions, or concrete positions
+        outside the table, raise ValueError).
         rngs: dropout randomness, needed only if deterministic=False.
         """
         del sigma
         return self.logits(self.features(tokens, mask=mask, positions=positions,
                                          deterministic=deterministic, rngs=rngs))
+
+    def two_pass(self, xt: Array, x0: Array, sigma: Array | None, block_size: int, *,
+                 band: Array | None = None, deterministic: bool = True, rngs=None) -> Array:
+        """BD3-LM training forward over [x_t ⊕ x_0] (the bidirectional variant): positions
+        0…L−1 for both halves, the two-pass mask (`masks.bd3lm_two_pass_mask`, dense here),
+        narrowed inside blocks to keys j ≤ i + band when given (annealing). σ is ignored.
+        Returns the logits of the x_t half (B, L, V) float32."""
+        del sigma
+        if self.causal:
+            raise ValueError("two_pass is for the bidirectional (causal=False) GPT-2")
+        L = xt.shape[1]
+        mask = bd3lm_two_pass_mask(L, block_size)
+        if band is not None:
+            mask = mask & jnp.tile(band_mask(L, band), (2, 2))
+        half = jnp.arange(L, dtype=jnp.int32)
+        h = self.features(jnp.concatenate([xt, x0], axis=1), mask=mask[None],
+                          positions=jnp.concatenate([half, half])[None],
+                          deterministic=deterministic, rngs=rngs)
+        return self.logits(h[:, :L])
 
     # -- KV-cache decoding -----------------------------------------------------------------------
 
@@ -312,13 +337,14 @@ class GPT2(nnx.Module):
         return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype)
 
     def decode_block(self, tokens: Array, sigma: Array | None, cache: KVCache, *,
-                     commit: bool) -> tuple[Array, KVCache]:
+                     commit: bool, causal: bool | None = None) -> tuple[Array, KVCache]:
         """Logits for one block given the committed prefix in `cache` (no dropout).
 
         tokens (B, Lb) int32 at absolute positions cache.length … cache.length+Lb−1 (wpe rows;
         NaN logits past n_positions) attend causally to the cache's valid slots and within the
-        block. commit (a Python bool): True appends the block's keys and values
-        (`KVCache.append`), False leaves the cache unchanged. σ is ignored.
+        block (bidirectionally within it when the model, or `causal`, says not causal). commit (a
+        Python bool): True appends the block's keys and values (`KVCache.append`), False leaves
+        the cache unchanged. σ is ignored.
         Returns (logits (B, Lb, V) float32, the cache).
         """
         del sigma
@@ -329,7 +355,8 @@ class GPT2(nnx.Module):
         Lb = tokens.shape[1]
         positions = (cache.length + jnp.arange(Lb, dtype=jnp.int32))[None]
         cache_mask = jnp.broadcast_to(cache.valid()[None, None, :], (1, Lb, cache.max_len))
-        block_mask = causal_mask(Lb)[None]
+        causal = self.causal if causal is None else causal
+        block_mask = causal_mask(Lb)[None] if causal else None
         h = self._embed(tokens, positions)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):

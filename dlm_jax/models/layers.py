@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dlm_jax.masks import bd3lm_two_pass_mask
+from dlm_jax.masks import band_mask, bd3lm_two_pass_mask
 
 Array = jax.Array
 DType = jnp.dtype | type
@@ -258,10 +258,13 @@ class TwoPassMask:
     """The BD3-LM two-pass pattern over [x_t ⊕ x_0] (`masks.bd3lm_two_pass_mask`), as a layout.
 
     Passed to `attend` in place of the dense (2L, 2L) boolean mask, it selects `attend_two_pass`,
-    which never forms the masked-out three quarters of the score matrix.
+    which never forms the masked-out three quarters of the score matrix. `band` (an int32
+    scalar, may be traced; None: off) narrows attention inside each block, in both halves, to
+    keys j ≤ i + band (`masks.band_mask`): the attention-mask annealing of AR adaptation.
     """
 
     block_size: int
+    band: Array | None = None
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array | TwoPassMask | None) -> Array:
@@ -271,7 +274,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array | TwoPassMask | None) -> Ar
     (full) or a `TwoPassMask`. Returns (B, Lq, H, Dh) in q's dtype.
     """
     if isinstance(mask, TwoPassMask):
-        return attend_two_pass(q, k, v, mask.block_size)
+        return attend_two_pass(q, k, v, mask.block_size, band=mask.band)
     m = None if mask is None else mask[:, None, :, :]
     return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0 / math.sqrt(q.shape[-1]),
                                         implementation="xla")
@@ -332,7 +335,8 @@ def attend_with_prefix(q: Array, k_pre: Array, v_pre: Array, mask_pre: Array,
     return o.astype(q.dtype)
 
 
-def attend_two_pass(q: Array, k: Array, v: Array, block_size: int) -> Array:
+def attend_two_pass(q: Array, k: Array, v: Array, block_size: int, *,
+                    band: Array | None = None) -> Array:
     """BD3-LM two-pass attention over [x_t ⊕ x_0] without the dense (2L, 2L) score matrix.
 
     Equals `attend(q, k, v, bd3lm_two_pass_mask(L, block_size)[:, :Lq])`: a noisy query in block b
@@ -342,7 +346,8 @@ def attend_two_pass(q: Array, k: Array, v: Array, block_size: int) -> Array:
     clean half, instead of (Lq, 2L) — half the work and memory of the dense form, for any Lb.
 
     q (B, Lq, H, Dh) with Lq = 2L (both halves) or L (noisy rows only, as in the last layer);
-    k/v (B, 2L, H, Dh). Returns (B, Lq, H, Dh) in q's dtype.
+    k/v (B, 2L, H, Dh); band: see `TwoPassMask` (the same band in both halves).
+    Returns (B, Lq, H, Dh) in q's dtype.
     """
     B, Lq, H, Dh = q.shape
     L = k.shape[1] // 2
@@ -351,6 +356,9 @@ def attend_two_pass(q: Array, k: Array, v: Array, block_size: int) -> Array:
                          f"q of length L or 2L; got q {q.shape}, k {k.shape}")
     nb = L // block_size
     full = bd3lm_two_pass_mask(L, block_size)[None]
+    if band is not None:  # the band applies inside blocks: earlier blocks are always before i
+        banded = band_mask(L, band)
+        full = full & jnp.tile(banded, (2, 2))[None]
     k_noisy, k_clean, v_noisy, v_clean = k[:, :L], k[:, L:], v[:, :L], v[:, L:]
 
     # Noisy queries: their own noisy block (no mask inside a block) and the clean prefix.
@@ -358,6 +366,8 @@ def attend_two_pass(q: Array, k: Array, v: Array, block_size: int) -> Array:
         return x.reshape(B, nb, block_size, H, Dh)
     s_own = jnp.einsum("bnqhd,bnkhd->bhnqk", blocks(q[:, :L]), blocks(k_noisy).astype(q.dtype),
                        preferred_element_type=_score_dtype(q)) * (1.0 / math.sqrt(Dh))
+    if band is not None:
+        s_own = jnp.where(band_mask(block_size, band), s_own, jnp.asarray(-1e30, s_own.dtype))
     s_pre = _scores(q[:, :L], k_clean, full[:, :L, L:])       # (B, H, L, L)
     p_own, p_pre = _joint_softmax(s_own.reshape(B, H, L, block_size), s_pre)
     o_own = jnp.einsum("bhnqk,bnkhd->bnqhd", p_own.reshape(B, H, nb, block_size, block_size)

@@ -20,7 +20,9 @@ Causal (AR) variant, ``causal=True``: the BD3-LM code's causal DDiT block: no σ
 no adaLN modulation layers anywhere (they do not exist as parameters); blocks compute
 ``h += attn_out(attn(LN₁ h))`` and ``h += mlp(LN₂ h)`` (gates 1, weight-only LN, rotary, causal
 mask), and the head is ``linear(LN_f h)``. σ is accepted and ignored; ``time_conditioning`` is
-ignored.
+ignored. With ``history_noise`` (PnF's noisy-history AR model over an ordinal vocabulary) σ is
+the noise level of the (real-valued) history instead, an additive input of the embedding; the KV
+cache path (``decode_block``) is its σ = 0 model.
 
 Time conditioning off (``time_conditioning=False``, the released MDLM/BD3-LM setting): σ is replaced
 by 0 and the adaLN path stays fully active (c is then a constant vector), as in the reference.
@@ -41,6 +43,7 @@ from dlm_jax.config import REMAT_POLICIES as REMAT_NAMES, ConfigError, ModelConf
 from dlm_jax.masks import causal_mask
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
+                                   make_param, zeros,
                                    Dense, TwoPassMask, apply_rotary, attend, attend_with_prefix,
                                    SIGMA_FEATURES, SIGMA_MAX_PERIOD, dropout, dropout_key, modulate,
                                    per_row, rotary_cos_sin)
@@ -188,6 +191,20 @@ class FinalLayer(nnx.Module):
         return self.linear(x).astype(jnp.float32)
 
 
+def interpolated_embedding(table: Array, values: Array) -> Array:
+    """Rows of an embedding table (V, D) at real-valued positions: values (...) float ->
+    (..., D) float32, (1 − w)·E[k] + w·E[k + 1] with k = ⌊v⌋ (at most V − 2), w = v − k and v
+    clipped to [0, V − 1]. The lookup itself at integers (w = 0), piecewise linear in between, so
+    ∂/∂v = E[k + 1] − E[k]: the continuous input path of an ordinal vocabulary (token k stands
+    for the value k) that Langevin sampling differentiates, with no new table."""
+    V = table.shape[0]
+    v = jnp.clip(jnp.asarray(values, jnp.float32), 0.0, V - 1.0)
+    k = jnp.clip(jnp.floor(v), 0, max(V - 2, 0)).astype(jnp.int32)
+    w = (v - k)[..., None]
+    t = table.astype(jnp.float32)
+    return (1.0 - w) * jnp.take(t, k, axis=0) + w * jnp.take(t, k + 1, axis=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +226,11 @@ class DiT(nnx.Module):
       remat: activation rematerialisation per block, trading compute for memory: "none",
         "block" (keep only each block's input; recompute the block in the backward pass) or
         "dots" (keep the matmul outputs, recompute the element-wise ops). Values are unchanged.
+      history_noise: causal only — the noisy-history AR model of PnF (Jayaram & Thickstun, 2021)
+        over an ordinal vocabulary: ``__call__``'s σ is the noise level of the history, added to
+        every embedding as log(1 + σ)·u with one learned vector u (D,) (`noise_embed`,
+        zero-initialised, created only with this option, after all other parameters, so the
+        others keep their names and initial values). σ = 0 or None is the plain model.
       dtype: compute dtype of matmuls (e.g. jnp.bfloat16); params are `param_dtype` (float32).
       rngs: parameter initialisation RNG (only the ``params`` stream is used).
     """
@@ -218,7 +240,8 @@ class DiT(nnx.Module):
                  causal: bool = False, time_conditioning: bool = False,
                  token_conditioning: bool = True, sigma_features: int = SIGMA_FEATURES,
                  sigma_max_period: float = SIGMA_MAX_PERIOD, remat: str = "none",
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 history_noise: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
         self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
@@ -241,6 +264,11 @@ class DiT(nnx.Module):
                                          dropout=dropout, adaln=self.adaln, **kw)
                                 for _ in range(depth)])
         self.final = FinalLayer(width, vocab_size, cond_dim, adaln=self.adaln, **kw)
+        if history_noise and not causal:
+            raise ValueError("history_noise is an option of the causal (AR) model")
+        self.history_noise = bool(history_noise)
+        self.noise_embed = (make_param(rngs, zeros, (width,), ("embed",), param_dtype)
+                            if self.history_noise else None)
 
     @classmethod
     def from_size(cls, size: str | ModelSize, vocab_size: int, **kwargs) -> "DiT":
@@ -290,10 +318,24 @@ class DiT(nnx.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def _embed_input(self, tokens: Array, noise: Array | None) -> Array:
+        """(B, L) int token ids, or float values of an ordinal vocabulary (token k = value k)
+        embedded by `interpolated_embedding`; with `history_noise`, plus log(1 + σ)·u for the
+        noise level σ (B,) or scalar (None: nothing added). Returns (B, L, D) float32."""
+        if jnp.issubdtype(tokens.dtype, jnp.floating):
+            h = interpolated_embedding(self.embed.embedding[...], tokens)
+        else:
+            h = self.embed(tokens)
+        if self.noise_embed is not None and noise is not None:
+            level = jnp.log1p(jnp.broadcast_to(jnp.asarray(noise, jnp.float32), tokens.shape[:1]))
+            h = h + level[:, None, None] * self.noise_embed[...].astype(jnp.float32)
+        return h
+
     def _forward(self, tokens: Array, c: Array | None, mask: Array | None, positions: Array, *,
-                 out_rows: int | None, deterministic: bool, key: Array | None) -> Array:
+                 out_rows: int | None, deterministic: bool, key: Array | None,
+                 noise: Array | None = None) -> Array:
         """Shared trunk: embedding, blocks, final layer on the first out_rows rows (or all)."""
-        h = self.embed(tokens)
+        h = self._embed_input(tokens, noise)
         cos, sin = rotary_cos_sin(positions, self.head_dim)
         keys = _split_keys(key, self.depth)
         last = self.depth - 1
@@ -324,6 +366,8 @@ class DiT(nnx.Module):
                  rngs=None) -> Array:
         """Raw outputs (logits) for tokens (B, L) int32 at noise level σ (B,).
 
+        tokens may be float values (B, L) of an ordinal vocabulary (`interpolated_embedding`);
+        with `history_noise`, σ (B,) or scalar is the noise level of those values.
         mask: bool (B|1, L, L) or (L, L), True = may attend; None = full attention (the AR model
         always ANDs the causal mask in). positions: (B|1, L) or (L,) ints for rotary, default
         0…L−1. rngs: dropout randomness, needed only if deterministic=False.
@@ -343,16 +387,18 @@ class DiT(nnx.Module):
         key = self._dropout_key(rngs, deterministic)
         c = self._conditioning(sigma, B, L)
         return self._forward(tokens, c, mask, positions, out_rows=None,
-                             deterministic=deterministic, key=key)
+                             deterministic=deterministic, key=key,
+                             noise=sigma if self.history_noise else None)
 
     def two_pass(self, xt: Array, x0: Array, sigma: Array | None, block_size: int, *,
-                 deterministic: bool = True, rngs=None) -> Array:
+                 band: Array | None = None, deterministic: bool = True, rngs=None) -> Array:
         """BD3-LM training forward over [x_t ⊕ x_0] in one pass; logits of the x_t half.
 
         xt, x0: (B, L) int32 with L % block_size == 0; σ (B,), or (B, L) per token of x_t with
         `token_conditioning` (the clean half is then conditioned on σ = 0). Rotary positions 0…L−1 for both
         halves; the two-pass mask keeps x_t blocks away from each other and from their own clean
-        block. block_size = L reproduces the plain bidirectional call on x_t.
+        block. block_size = L reproduces the plain bidirectional call on x_t. band (int32,
+        may be traced): attention inside each block only to keys j ≤ i + band (`TwoPassMask`).
         Returns (B, L, V) float32.
         """
         if self.causal:
@@ -363,7 +409,7 @@ class DiT(nnx.Module):
         tokens = jnp.concatenate([xt, x0], axis=1)
         half = jnp.arange(L, dtype=jnp.int32)
         positions = jnp.concatenate([half, half])[None]
-        mask = TwoPassMask(block_size)  # attention computed block-sparsely
+        mask = TwoPassMask(block_size, band)  # attention computed block-sparsely
         key = self._dropout_key(rngs, deterministic)
         c = self._conditioning(sigma, B, L, clean_rows=L)
         return self._forward(tokens, c, mask, positions, out_rows=L,
@@ -376,14 +422,15 @@ class DiT(nnx.Module):
         return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype)
 
     def decode_block(self, tokens: Array, sigma: Array | None, cache: KVCache, *,
-                     commit: bool) -> tuple[Array, KVCache]:
+                     commit: bool, causal: bool | None = None) -> tuple[Array, KVCache]:
         """Logits for one block given the committed prefix in `cache` (no dropout).
 
         tokens (B, Lb) int32 at absolute positions cache.length … cache.length+Lb−1 attend to the
         cache's valid slots and to the block itself (bidirectionally; causally for the AR model).
         commit (a Python bool): True writes the block's keys and values into the cache (sliding
-        its window if full; `KVCache.append`), False leaves the cache unchanged. Cost per layer:
-        O(Lb × (W + Lb)).
+        its window if full; `KVCache.append`), False leaves the cache unchanged. causal (default:
+        the model's own) makes the block attend to itself causally: a jointly trained diffusion
+        model decoding as an AR model. Cost per layer: O(Lb × (W + Lb)).
         Returns (logits (B, Lb, V) float32, the cache).
         """
         if not isinstance(commit, bool):
@@ -393,7 +440,8 @@ class DiT(nnx.Module):
         q_pos = cache.length + jnp.arange(Lb, dtype=jnp.int32)
         rope_block = rotary_cos_sin(q_pos[None], self.head_dim)
         cache_mask = jnp.broadcast_to(cache.valid()[None, None, :], (1, Lb, cache.max_len))
-        block_mask = causal_mask(Lb)[None] if self.causal else None
+        causal = self.causal if causal is None else causal
+        block_mask = causal_mask(Lb)[None] if causal else None
         c = self._conditioning(sigma, B, Lb)
         h = self.embed(tokens)
         ks, vs = [], []
@@ -428,25 +476,29 @@ def model_dims(cfg: ModelConfig) -> dict[str, int]:
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool,
-                rngs: nnx.Rngs) -> nnx.Module:
-    """The DiT (causal: the AR variant), or with `arch="gpt2"` the `GPT2`, described by the
-    model section of a config (validated: `n_positions` resolved)."""
+                history_noise: bool = False, rngs: nnx.Rngs) -> nnx.Module:
+    """The DiT (causal: the AR variant), or with `arch="gpt2"` the `GPT2` (causal: the language
+    model; otherwise its bidirectional variant, a masked-diffusion denoiser), described by the
+    model section of a config (validated: `n_positions` resolved). history_noise: the DiT's
+    noise-level input of noisy-history AR training (`diffusion.history_noise`)."""
     dims = model_dims(cfg)
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     if cfg.arch == "gpt2":
         from dlm_jax.models.gpt2 import GPT2  # gpt2 imports this module
-        if not causal:
-            raise ConfigError("config.model.arch='gpt2' is causal: it needs the AR objective")
+        if history_noise:
+            raise ConfigError("config.diffusion.history_noise needs model.arch='dit' (GPT-2 has "
+                              "no noise-level input)")
         if cfg.n_positions < 1:
             raise ConfigError(f"config.model.n_positions={cfg.n_positions} is unresolved: "
                               f"config.validate sets 0 to data.seq_len")
         return GPT2(vocab_size, dims["width"], dims["depth"], dims["heads"],
                     n_positions=cfg.n_positions, mlp_hidden=cfg.mlp_ratio * dims["width"],
                     layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout, remat=cfg.remat,
-                    dtype=dtype, rngs=rngs)
+                    causal=causal, dtype=dtype, rngs=rngs)
     return DiT(vocab_size, dims["width"], dims["depth"], dims["heads"], cond_dim=dims["cond_dim"],
                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=causal,
                time_conditioning=cfg.time_conditioning,
                token_conditioning=cfg.token_conditioning, sigma_features=cfg.sigma_features,
-               sigma_max_period=cfg.sigma_max_period, remat=cfg.remat, dtype=dtype,
+               sigma_max_period=cfg.sigma_max_period, remat=cfg.remat,
+               history_noise=history_noise, dtype=dtype,
                rngs=rngs)

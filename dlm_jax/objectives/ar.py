@@ -66,3 +66,26 @@ def ar_nll(logits: Array, tokens: Array, *, weights: Array | None = None,
     num = w.sum()
     aux = {"nll_sum": nll_sum, "num_targets": num, "nll_mean": nll_sum / jnp.maximum(num, 1.0)}
     return per_token, aux
+
+
+def noisy_history(key: Array, tokens: Array, levels) -> tuple[Array, Array]:
+    """The inputs of noisy-history AR training over an ordinal vocabulary (Jayaram & Thickstun,
+    2021, "Parallel and Flexible Sampling from Autoregressive Models via Langevin Dynamics"):
+    x̃ = x + σ·ε with ε ~ N(0, I) and one σ per sequence drawn uniformly from `levels`.
+
+    Trained with `ar_nll(model(x̃, σ), x)` — the target stays the clean token — the model is
+    p_θ(x_{i+1} | x̃_{≤i}, σ), which makes p_σ(x̃_{i+1} | x̃_{≤i}) = Σ_k p_θ(k | x̃_{≤i}, σ)
+    N(x̃_{i+1}; k, σ²) exact (ε_{i+1} is independent of x̃_{≤i} given x_{i+1}).
+
+    Args:
+      key: typed key.
+      tokens: (B, L) int, token k standing for the value k.
+      levels: the noise levels σ > 0 (a non-empty sequence of floats, level units).
+    Returns:
+      (x̃ (B, L) float32, σ (B,) float32).
+    """
+    levels = jnp.asarray(tuple(levels), jnp.float32)
+    k_level, k_eps = jax.random.split(key)
+    sigma = levels[jax.random.randint(k_level, tokens.shape[:1], 0, levels.shape[0])]
+    eps = jax.random.normal(k_eps, tokens.shape, jnp.float32)
+    return tokens.astype(jnp.float32) + sigma[:, None] * eps, sigma

@@ -72,6 +72,20 @@ def truncate(log_probs: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
     return out
 
 
+def target_log_probs(log_probs: Array, *, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0) -> Array:
+    """The normalised log-probabilities (..., V) that `sample` draws from at `temperature` > 0:
+    log softmax(truncate(log_probs / temperature)), −inf outside the kept tokens. Samplers
+    whose exactness rests on a target's probabilities (speculative decoding, MH) use this as
+    the AR model's conditionals, so their draws follow the same truncated distribution."""
+    if temperature <= 0.0:
+        raise ValueError(f"target_log_probs needs temperature > 0, got {temperature}")
+    lp = jnp.asarray(log_probs, jnp.float32)
+    if temperature != 1.0:
+        lp = lp / temperature
+    return jax.nn.log_softmax(truncate(lp, top_k=top_k, top_p=top_p), axis=-1)
+
+
 def sample(key: Array, log_probs: Array, *, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0) -> Array:
     """Draw one token per row from softmax(log_probs / temperature), after top-k/top-p.
