@@ -83,7 +83,43 @@ def parse_flags(argv: list[str]) -> list[str]:
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
-        fail(str(cause).strip().splitlines()[0] if str(cause).strip() else str(e))
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else str(e)
+        head = str(e).split(": ", 1)[0]  # "flag --platform=ipu" for a bad value of a plain flag
+        if cause is not e and head.startswith("flag --") and not head.startswith("flag --config"):
+            text = f"{head[len('flag '):]}: {text}"
+        fail(text)
+
+
+# XLA:CPU runs the collectives of a mesh of fake CPU devices (`--xla_force_host_platform_device_
+# count`) as rendezvous of one thread per device. A thread still waiting after the stuck-warning
+# timeout and then the termination timeout (20 s + 40 s by default in jaxlib 0.10.2) aborts the
+# whole process ("Termination timeout for `all reduce …` … Exiting to ensure a consistent program
+# state"): on a loaded machine with more fake devices than cores that is a slow machine, not a
+# deadlock.
+FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+CPU_COLLECTIVE_TIMEOUTS = (("--xla_cpu_collective_call_terminate_timeout_seconds", 600),
+                           ("--xla_cpu_collective_call_warn_stuck_timeout_seconds", 120))
+
+
+def cpu_xla_flags(flags: str, *, devices: int | None = None) -> str:
+    """`flags` (an XLA_FLAGS value) with `devices` fake CPU devices (replacing any count given;
+    None: keep it) and, when there are fake devices, generous XLA:CPU collective timeouts
+    (`CPU_COLLECTIVE_TIMEOUTS`, seconds) unless `flags` sets them. Returns the new value."""
+    parts = flags.split()
+    if devices is not None:
+        parts = [p for p in parts if not p.startswith(FAKE_DEVICES_FLAG + "=")]
+        parts.append(f"{FAKE_DEVICES_FLAG}={int(devices)}")
+    if any(p.startswith(FAKE_DEVICES_FLAG + "=") for p in parts):
+        for name, seconds in CPU_COLLECTIVE_TIMEOUTS:
+            if not any(p.startswith(name + "=") for p in parts):
+                parts.append(f"{name}={seconds}")
+    return " ".join(parts)
+
+
+def set_cpu_xla_flags(devices: int | None = None) -> None:
+    """Apply `cpu_xla_flags` to the XLA_FLAGS environment variable; effective only before jax
+    starts its backends (the CLIs call it first thing in `main`)."""
+    os.environ["XLA_FLAGS"] = cpu_xla_flags(os.environ.get("XLA_FLAGS", ""), devices=devices)
 
 
 class _BackgroundErrorFilter:

@@ -146,6 +146,8 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 500
     eval_batches: int = 8
+    eval_t_samples: int = 1         # time draws per sequence in validation (diffusion)
+    eval_times: str = "stratified"  # validation time scheme: iid | stratified | quadrature
     ckpt_every: int = 500
     keep: int = 3
     stop_check_every: int = 10      # several hosts: agree on a SIGTERM every this many steps
@@ -360,6 +362,9 @@ def validate(cfg: Config) -> Config:
     for key in ("log_every", "eval_every", "ckpt_every", "keep", "stop_check_every"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     _check(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
+    _check(isinstance(t.eval_t_samples, int) and t.eval_t_samples >= 1, "train.eval_t_samples",
+           t.eval_t_samples, "must be an integer >= 1")
+    _choice("train.eval_times", t.eval_times, {"iid", "stratified", "quadrature"})
     _check(t.final_samples >= 0, "train.final_samples", t.final_samples, "must be >= 0")
 
     _check(len(mesh.shape) == len(mesh.axes) == 3, "mesh.shape", mesh.shape,

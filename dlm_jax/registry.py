@@ -260,6 +260,9 @@ def build(cfg: Config, devices=None) -> Experiment:
         raise ConfigError(f"config.data.mode={cfg.data.mode!r} is not supported by objective "
                           f"{cfg.diffusion.objective!r} ({method.name}); it supports "
                           f"{list(method.data_modes)}")
+    if method.time_schemes and cfg.train.eval_times not in method.time_schemes:
+        raise ConfigError(f"config.train.eval_times={cfg.train.eval_times!r} is not available "
+                          f"for {method.name}; it supports {list(method.time_schemes)}")
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = tuple(cfg.mesh.rules)
     shards = sharding.batch_divisor(mesh, rules)

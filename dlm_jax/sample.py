@@ -72,6 +72,8 @@ def _apply_overrides(cfg) -> None:
 
 def main(argv) -> int:
     del argv
+    from dlm_jax.cli import set_cpu_xla_flags
+    set_cpu_xla_flags()  # generous collective timeouts for fake CPU devices, before jax starts
     from dlm_jax.config import ConfigError
     from dlm_jax.generation import sample_run
     logging.set_verbosity(logging.WARNING)

@@ -68,13 +68,23 @@ def make_train_step(method, graphdef, tx: optax.GradientTransformation, optim: O
     return train_step
 
 
-def make_eval_step(method, graphdef, seed: int) -> Callable[[Any, dict, jax.Array], dict]:
-    """(params, batch, index) -> metrics, with the key fold_in(key(seed + 1), index)."""
+def make_eval_step(method, graphdef, seed: int, *, t_samples: int = 1,
+                   times: str = "stratified") -> Callable[[Any, dict, jax.Array], dict]:
+    """(params, batch, index) -> metrics, with the key fold_in(key(seed + 1), index).
+
+    The method's per-sequence objective (`Method.sequence_loss`, `t_samples` draws of scheme
+    `times`) reduced on device to "loss" (the batch's token-weighted mean) and the batch's
+    moments (`evals.validation.batch_moments`: scalars, so one small transfer per batch, on any
+    number of hosts) from which validation computes the standard error; the method's other
+    scalar metrics pass through."""
+    from dlm_jax.evals.validation import batch_moments
 
     def eval_step(params, batch: dict, index):
         key = jax.random.fold_in(jax.random.key(seed + 1), index)
-        _, metrics = method.loss(nnx.merge(graphdef, params), batch, key, train=False)
-        return metrics
+        sums, tokens, metrics = method.sequence_loss(nnx.merge(graphdef, params), batch, key,
+                                                     t_samples=t_samples, times=times)
+        moments = batch_moments(sums, tokens)
+        return {"loss": moments["mean"], **metrics, **moments}
 
     return eval_step
 
@@ -111,7 +121,9 @@ class TrainProgram:
                             seed=cfg.train.seed),
             in_shardings=(self.state_shardings, exp.batch_sharding),
             out_shardings=(self.state_shardings, None), donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(exp.method, exp.graphdef, cfg.train.seed),
+        self.eval_step = jax.jit(make_eval_step(exp.method, exp.graphdef, cfg.train.seed,
+                                                t_samples=cfg.train.eval_t_samples,
+                                                times=cfg.train.eval_times),
                                  in_shardings=(exp.param_shardings, exp.batch_sharding, None))
 
     def init(self, params=None) -> TrainState:

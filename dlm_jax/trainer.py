@@ -33,6 +33,7 @@ from dlm_jax.checkpoint import Checkpointer
 from dlm_jax.config import Config, ConfigError, config_changes
 from dlm_jax.data.pipeline import to_global
 from dlm_jax.evals import build_evaluators, run_evaluators
+from dlm_jax.evals.validation import format_metrics
 from dlm_jax.metrics import MetricsWriter, measure_peak_flops, progress_line
 from dlm_jax.state import TrainState, make_optimizer
 from dlm_jax.steps import TrainProgram
@@ -231,7 +232,7 @@ class Trainer:
                     ev, state = self.evaluate(state)
                     self.metrics.write(done, ev)
                     summary.update(ev)
-                    say("  eval " + " | ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                    say("  eval " + format_metrics(ev))
                     restart_window()
                 saved = False
                 if done % t.ckpt_every == 0 or done == t.steps:

@@ -1,11 +1,17 @@
 """Test-wide setup. Runs before any test module imports jax.
 
 Eight fake CPU devices let sharding tests build (2, 2, 2) meshes on a laptop; the flag must be set
-before the XLA backend starts, which is why it lives here and not in a fixture.
+before the XLA backend starts, which is why it lives here and not in a fixture. Their collectives
+get generous XLA:CPU rendezvous timeouts (`dlm_jax.cli.cpu_xla_flags`): with the defaults (a
+thread aborts the process after 20 s + 40 s at a rendezvous) a loaded machine kills the test run. Subprocesses inherit both; those that train or
+sample through the CLIs use 2 fake devices (`cpu_xla_flags(…, devices=2)`).
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from dlm_jax.cli import FAKE_DEVICES_FLAG, cpu_xla_flags  # imports no jax
+
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = cpu_xla_flags(_flags, devices=None if FAKE_DEVICES_FLAG in _flags else 8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dlm_jax.cli import cpu_xla_flags
 from dlm_jax.config import ConfigError, validate
 from dlm_jax.data.pipeline import markov_chain
 from dlm_jax.evaluate import evaluate_run
@@ -113,8 +114,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     second = Trainer(_cfg("bd3lm,block=8", **kw), str(tmp_path / "resumed"), measure_mfu=False)
     summary = second.run()
     assert summary["start_step"] == 4
-    # The evaluation CLI's function restores the same run and reproduces its final validation.
-    np.testing.assert_allclose(evaluate_run(str(tmp_path / "resumed"))["val/loss"],
+    # The evaluation CLI's function restores the same run and reproduces its final validation
+    # (with the trainer's batch count; by default it sizes the evaluation to a standard error).
+    np.testing.assert_allclose(evaluate_run(str(tmp_path / "resumed"), batches=1)["val/loss"],
                                summary["val/loss"], rtol=1e-6)
     chex.assert_trees_all_equal(jax.device_get(full.state.params),
                                 jax.device_get(second.state.params))
@@ -205,7 +207,8 @@ def test_nelbo_with_uniform_process_is_rejected():
 
 
 def test_cli_trains_and_reports_bad_config(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # 2 fake devices: a sharded run, few threads
+           "XLA_FLAGS": cpu_xla_flags(os.environ.get("XLA_FLAGS", ""), devices=2)}
     run = subprocess.run(
         [sys.executable, "-m", "dlm_jax.train", "--config", "configs/tiny.py:bd3lm,block=8",
          "--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=4",
@@ -310,6 +313,12 @@ def test_searched_clip_interval_survives_a_restart(tmp_path):
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     reported = evaluate_run(str(tmp_path / "resumed"))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # writes nothing
+    # Sized to the target standard error, within one pass of the split; the protocol says so.
+    protocol = reported["protocol"]
+    assert protocol["sequences"] == reported["val/sequences"] > cfg().train.batch_size
+    assert protocol["split_exhausted"] or reported["val/loss_se"] < 2 * 0.003  # 2-stage: ≈
+    assert (protocol["split"], protocol["times"], protocol["t_samples"], protocol["seed"]) == (
+        "validation", "stratified", 1, 0)
     assert (reported["clip/beta_l"], reported["clip/beta_u"]) == pytest.approx(
         (full_summary["clip/beta_l"], full_summary["clip/beta_u"]))
     full.close()

@@ -15,19 +15,21 @@ from dlm_jax.evals.validation import Validation
 EVALUATORS = {"validation": Validation, "clip_search": ClipSearch}
 
 
-def validation_batches(exp):
-    """Global validation batches of `train.batch_size` rows, the same sequence every call."""
+def validation_batches(exp, repeat: bool = True):
+    """Global validation batches of `train.batch_size` rows, the same sequence every call
+    (`repeat=False`: one pass over the split, so no sequence counts twice)."""
     from dlm_jax.data.pipeline import to_global
-    ds = exp.dataset("validation", global_batch=exp.cfg.train.batch_size, repeat=True,
+    ds = exp.dataset("validation", global_batch=exp.cfg.train.batch_size, repeat=repeat,
                      shuffle=False)
     return (to_global(b, exp.batch_sharding) for b in ds)
 
 
-def run_evaluators(evaluators, exp, state) -> tuple[dict, dict]:
+def run_evaluators(evaluators, exp, state, *, repeat: bool = True) -> tuple[dict, dict]:
     """Run `evaluators` in order on the state's EMA parameters (its parameters without EMA),
-    sharing one pass over the validation batches; returns (metrics, state updates)."""
+    sharing one pass over the validation batches (`validation_batches(exp, repeat)`); returns
+    (metrics, state updates)."""
     params = state.eval_params
-    batches = validation_batches(exp)
+    batches = validation_batches(exp, repeat)
     metrics, updates = {}, {}
     for evaluator in evaluators:
         m, u = evaluator(params, batches)
@@ -36,12 +38,14 @@ def run_evaluators(evaluators, exp, state) -> tuple[dict, dict]:
     return metrics, updates
 
 
-def build_evaluators(exp, program, *, batches: int | None = None, clip_search: bool | None = None
-                     ) -> list:
+def build_evaluators(exp, program, *, batches: int | None = None, clip_search: bool | None = None,
+                     target_se: float | None = None, max_batches: int | None = None) -> list:
     """The evaluators a run of `exp` uses: validation, then (when `diffusion.var_min` is on and
-    the method has one) the clip search. `batches` overrides `train.eval_batches`."""
+    the method has one) the clip search. `batches` overrides `train.eval_batches`; `target_se`
+    and `max_batches` size validation to a standard error (`Validation`)."""
     cfg = exp.cfg
-    out = [Validation(exp, program.eval_step, batches or cfg.train.eval_batches)]
+    out = [Validation(exp, program.eval_step, batches or cfg.train.eval_batches,
+                      target_se=target_se, max_batches=max_batches)]
     search = cfg.diffusion.var_min if clip_search is None else clip_search
     if search and exp.method.clip_search:
         out.append(ClipSearch(exp, cfg.diffusion.clip_search_batches))

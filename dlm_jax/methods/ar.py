@@ -44,6 +44,18 @@ class Autoregressive(Method):
         loss = aux["nll_sum"] / jax.numpy.maximum(aux["num_targets"], 1.0)
         return loss, {"loss": loss}
 
+    def sequence_loss(self, model, batch, key, *, t_samples=1, times="stratified"):
+        """The NLL per sequence over its targets (no times: `t_samples`, `times` unused; with
+        `history_noise` one level per sequence)."""
+        del t_samples, times
+        tokens = batch["tokens"]
+        inputs, sigma = tokens, None
+        if self.history_noise:
+            inputs, sigma = noisy_history(jax.random.split(key)[1], tokens, self.history_noise)
+        per_token, aux = ar_nll(model(inputs, sigma), tokens,
+                                segment_ids=batch.get("segment_ids"))
+        return per_token.sum(-1), aux["row_targets"].astype(jnp.float32), {}
+
     def denoiser(self, model) -> Denoiser:
         return Denoiser("next_token_log_probs",
                         lambda tokens: jax.nn.log_softmax(model(tokens, None), axis=-1))

@@ -12,7 +12,13 @@ A `Method` gathers, in one object of plain functions, everything that depends on
   * `flops_per_token(...)`: the matmul and attention FLOPs one training token costs, counting
     the attention that is actually computed;
   * `data_modes`: the data pipeline modes its loss supports; `likelihood_bound`: whether the
-    evaluation loss bounds the negative log-likelihood (so perplexity and bits are meaningful).
+    evaluation loss bounds the negative log-likelihood (so perplexity and bits are meaningful);
+  * `sequence_loss(model, batch, key, *, t_samples, times) -> (sums (B,), tokens (B,), metrics)`:
+    the evaluation objective per sequence (its sum in nats over the sequence's real tokens, and
+    their count), averaged over `t_samples` time draws of scheme `times`
+    (`corruption.TIME_SCHEMES`, those in `time_schemes`), so validation can report a standard
+    error over sequences (`evals.validation`). `time_schemes` is () for a method whose
+    evaluation draws no times (AR, CSM): there `t_samples` and `times` are ignored.
 
 Shapes: B batch, L length, S model states (vocabulary plus the mask where there is one), K blocks,
 Lb block length, D width.
@@ -78,6 +84,25 @@ def token_weights(batch: dict) -> Array:
     return jnp.ones(batch["tokens"].shape, jnp.float32)
 
 
+def sequence_sums(per_token: Array, batch: dict) -> tuple[Array, Array]:
+    """Per-sequence sums (B,) of a (B, L) per-token value over the real tokens, and the real
+    token counts (B,) (the per-sequence form of `token_mean`)."""
+    weights = token_weights(batch)
+    return (per_token * weights).sum(-1), weights.sum(-1)
+
+
+def mean_over_draws(fn: Callable[[Array, Array], Array], key: Array, times: Array) -> Array:
+    """(1/R) Σ_r fn(fold_in(key, r), times[r]) for times (R, ...): the per-token values (B, L) of
+    R evaluation draws averaged, by a `lax.scan` (one compiled body whatever R)."""
+    def body(acc, xs):
+        r, t = xs
+        return acc + fn(jax.random.fold_in(key, r), t), None
+    first = jax.eval_shape(fn, key, times[0])
+    total, _ = jax.lax.scan(body, jnp.zeros(first.shape, jnp.float32),
+                            (jnp.arange(times.shape[0]), times))
+    return total / times.shape[0]
+
+
 def token_mean(per_token: Array, batch: dict) -> Array:
     """Mean of a (B, L) per-token value over the batch's real tokens (every token counts,
     masked or not: the MDLM/BD3-LM reduction)."""
@@ -114,6 +139,7 @@ class Method:
     clip_search: bool = False       # BD3-LM's variance-minimising clip search applies
     drafts: bool = False            # its denoiser (SUBS x0 log-probs at σ̄, a mask state
                                     # `process.mask_id`) can draft for AR speculative / MH
+    time_schemes: tuple[str, ...] = ()  # evaluation time schemes (); () = draws no times
 
     def model_vocab(self, token_vocab: int) -> int:
         """Rows of the embedding and columns of the output layer."""
@@ -122,6 +148,12 @@ class Method:
     def loss(self, model, batch: dict, key: Array, *, train: bool,
              clip: Array | None = None, step: Array | None = None) -> tuple[Array, Metrics]:
         raise NotImplementedError
+
+    def sequence_loss(self, model, batch: dict, key: Array, *, t_samples: int = 1,
+                      times: str = "stratified") -> tuple[Array, Array, Metrics]:
+        """Evaluation objective per sequence: (sums (B,) in nats, real tokens (B,), scalar
+        metrics); its token-weighted mean is `loss(..., train=False)`'s estimand."""
+        raise NotImplementedError(f"{self.name} has no per-sequence evaluation")
 
     def denoiser(self, model) -> Denoiser:
         raise NotImplementedError
@@ -172,6 +204,7 @@ class ContinuousTime(Method):
     shift: bool = False
     anneal_steps: int = 0
     ar_weight: float = 0.0
+    time_schemes = corruption.TIME_SCHEMES
 
     @property
     def blocks(self) -> bool:
@@ -221,13 +254,16 @@ class ContinuousTime(Method):
         return self.schedule.sigma_bar(t_blocks[:, 0])
 
     def per_token(self, model, x0: Array, key: Array, *, train: bool, bounds, resample: bool,
-                  band: Array | None = None) -> tuple[Array, Metrics]:
+                  band: Array | None = None, t_blocks: Array | None = None
+                  ) -> tuple[Array, Metrics]:
         """Per-token values (B, L) for one draw of times in `bounds` (floats or traced) and x_t;
-        `band`: the annealed attention band inside blocks (None: the target mask)."""
+        `band`: the annealed attention band inside blocks (None: the target mask); `t_blocks`
+        (B, K): given times instead of a draw."""
         B, L = x0.shape
         k_t, k_x, k_drop = jax.random.split(key, 3)
-        t_blocks = corruption.sample_times(k_t, (B, L // self.block_size), t_min=bounds[0],
-                                           t_max=bounds[1], antithetic=self.antithetic)
+        if t_blocks is None:
+            t_blocks = corruption.sample_times(k_t, (B, L // self.block_size), t_min=bounds[0],
+                                               t_max=bounds[1], antithetic=self.antithetic)
         xt = corruption.corrupt_blocks(k_x, x0, t_blocks, self.block_size, self.process,
                                        self.schedule, resample=resample, bounds=bounds,
                                        sampling_eps=self.sampling_eps)
@@ -259,6 +295,27 @@ class ContinuousTime(Method):
         ar = self.ar_loss(model, batch, k_ar, train=train)
         total = loss + self.ar_weight * ar if train else loss
         return total, {"loss": total, "nelbo": loss, "ar_nll": ar}
+
+    def sequence_loss(self, model, batch, key, *, t_samples=1, times="stratified"):
+        """The NELBO per sequence, the per-token terms averaged over `t_samples` times per
+        (sequence, block) of scheme `times` (`corruption.evaluation_times` on
+        [sampling_eps, 1], unclipped, no resampling: each scheme an unbiased estimate of the
+        bound, MDLM eq. 10 / BD3-LM eq. 8) with a fresh x_t per draw. Joint runs add the
+        batch's "ar_nll" to the metrics."""
+        x0 = batch["tokens"]
+        B, L = x0.shape
+        k_t, k_x, k_ar = jax.random.split(key, 3)
+        bounds = (self.sampling_eps, 1.0)
+        t_all = corruption.evaluation_times(k_t, (B, L // self.block_size), scheme=times,
+                                            samples=t_samples, t_min=bounds[0], t_max=bounds[1])
+        per_token = mean_over_draws(
+            lambda k, t: self.per_token(model, x0, k, train=False, bounds=bounds,
+                                        resample=False, t_blocks=t)[0], k_x, t_all)
+        sums, tokens = sequence_sums(per_token, batch)
+        metrics = {}
+        if self.ar_weight:
+            metrics["ar_nll"] = self.ar_loss(model, batch, k_ar, train=False)
+        return sums, tokens, metrics
 
     def generator(self, exp, sampling, length):
         """A joint run (`ar_weight` > 0) decodes either way: an AR sampler name (ar, jacobi, …)

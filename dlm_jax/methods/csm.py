@@ -65,6 +65,20 @@ class ConcreteScoreMatching(Method):
             metrics["pseudo_nll"] = self.pseudo_nll(raw(x), x, batch)
         return loss, metrics
 
+    def sequence_loss(self, model, batch, key, *, t_samples=1, times="stratified"):
+        """J per sequence (the sum over its L positions, as `loss` divides by L) and the batch's
+        pseudo-NLL; no times (`t_samples`, `times` unused)."""
+        del t_samples, times
+        x = batch["tokens"]
+        raw = self._raw_fn(model, None, False)
+        score_fn = lambda tokens: jnp.expm1(raw(tokens))  # noqa: E731
+        if self.estimator == "exact":
+            values, _ = csm_loss(score_fn, x)
+        else:
+            values, _ = csm_loss_sampled(jax.random.split(key)[0], score_fn, x, self.num_states)
+        tokens = jnp.full(values.shape, x.shape[1], jnp.float32)
+        return values, tokens, {"pseudo_nll": self.pseudo_nll(raw(x), x, batch)}
+
     @staticmethod
     def pseudo_nll(raw: Array, x: Array, batch: dict) -> Array:
         """Mean −log p_θ(x_i | x_{−i}) over real tokens, nats (raw (B, L, S) at x)."""

@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.methods.base import Denoiser, Method, dropout_key, token_mean
+from dlm_jax.methods.base import (Denoiser, Method, dropout_key, mean_over_draws,
+                                  sequence_sums, token_mean)
 from dlm_jax.objectives.ctmc import ctmc_elbo, ctmc_prior_kl, sample_jump
 from dlm_jax.objectives.nelbo import subs_log_probs
 from dlm_jax.processes import corruption
@@ -33,6 +34,7 @@ class ContinuousTimeELBO(Method):
     schedule: Schedule
     antithetic: bool = True
     name = "ctmc"
+    time_schemes = corruption.TIME_SCHEMES
 
     def model_vocab(self, token_vocab: int) -> int:
         return self.process.num_states
@@ -58,9 +60,30 @@ class ContinuousTimeELBO(Method):
     def loss(self, model, batch, key, *, train, clip=None, step=None):
         del clip, step
         x0 = batch["tokens"]
+        k_t, *keys = jax.random.split(key, 4)
+        t = corruption.sample_times(k_t, (x0.shape[0],), t_min=0.0, t_max=1.0,
+                                    antithetic=self.antithetic)
+        loss = token_mean(self._values(model, x0, keys, t, train=train), batch)
+        return loss, {"loss": loss}
+
+    def sequence_loss(self, model, batch, key, *, t_samples=1, times="stratified"):
+        """The bound (with its prior term) per sequence, averaged over `t_samples` times per
+        sequence of scheme `times` on [0, 1] (`corruption.evaluation_times`)."""
+        x0 = batch["tokens"]
+        k_t, key = jax.random.split(key)
+        t_all = corruption.evaluation_times(k_t, (x0.shape[0],), scheme=times, samples=t_samples,
+                                            t_min=0.0, t_max=1.0)
+        per_token = mean_over_draws(
+            lambda k, t: self._values(model, x0, jax.random.split(k, 3), t, train=False), key,
+            t_all)
+        sums, tokens = sequence_sums(per_token, batch)
+        return sums, tokens, {}
+
+    def _values(self, model, x0: Array, keys, t: Array, *, train: bool) -> Array:
+        """(B, L) per-token estimate at times t (B,): one x_t, one jump (keys (k_x, k_j, k_drop));
+        at evaluation (train=False) with the prior term."""
         B = x0.shape[0]
-        k_t, k_x, k_j, k_drop = jax.random.split(key, 4)
-        t = corruption.sample_times(k_t, (B,), t_min=0.0, t_max=1.0, antithetic=self.antithetic)
+        k_x, k_j, k_drop = keys
         sb, sg = self.schedule.sigma_bar(t), self.schedule.sigma(t)
         xt = self.process.sample_transition(k_x, x0, sb[:, None])
         x_jump = sample_jump(k_j, self.process, xt)
@@ -74,8 +97,7 @@ class ContinuousTimeELBO(Method):
             values = values + ctmc_prior_kl(self.process, x0,
                                             self.schedule.sigma_bar(jnp.float32(1.0)),
                                             self.reference_probs())
-        loss = token_mean(values, batch)
-        return loss, {"loss": loss}
+        return values
 
     def generator(self, exp, sampling, length):
         from dlm_jax.generation import score_generator

@@ -10,7 +10,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.methods.base import Denoiser, Method, dropout_key, token_mean
+from dlm_jax.methods.base import (Denoiser, Method, dropout_key, mean_over_draws,
+                                  sequence_sums, token_mean)
+from dlm_jax.processes import corruption
 from dlm_jax.objectives.d3pm import d3pm_loss, d3pm_prior_term
 from dlm_jax.processes.d3pm import D3PM
 
@@ -22,6 +24,7 @@ class DiscreteTime(Method):
     process: D3PM
     hybrid_lambda: float = 0.01
     name = "d3pm"
+    time_schemes = corruption.TIME_SCHEMES
 
     def model_vocab(self, token_vocab: int) -> int:
         return self.process.num_states
@@ -33,6 +36,29 @@ class DiscreteTime(Method):
         x0 = batch["tokens"]
         k_t, k_x, k_drop = jax.random.split(key, 3)
         t = jax.random.randint(k_t, (x0.shape[0],), 1, self.process.num_steps + 1)
+        loss = token_mean(self._values(model, x0, (k_x, k_drop), t, train=train), batch)
+        return loss, {"loss": loss}
+
+    def sequence_loss(self, model, batch, key, *, t_samples=1, times="stratified"):
+        """The discrete-time NELBO per sequence, averaged over `t_samples` steps per sequence:
+        t = 1 + ⌊u·T⌋ for u of scheme `times` on [0, 1) (`corruption.evaluation_times`), so t
+        is uniform on {1..T} under every scheme (stratified / shifted-grid u stratify t)."""
+        x0 = batch["tokens"]
+        T = self.process.num_steps
+        k_t, key = jax.random.split(key)
+        u = corruption.evaluation_times(k_t, (x0.shape[0],), scheme=times, samples=t_samples,
+                                        t_min=0.0, t_max=1.0)
+        steps = 1 + jnp.minimum(jnp.floor(u * T), T - 1).astype(jnp.int32)
+        per_token = mean_over_draws(
+            lambda k, t: self._values(model, x0, jax.random.split(k), t, train=False), key,
+            steps)
+        sums, tokens = sequence_sums(per_token, batch)
+        return sums, tokens, {}
+
+    def _values(self, model, x0, keys, t, *, train: bool):
+        """(B, L) per-token loss at integer steps t (B,) (keys (k_x, k_drop)); at evaluation
+        λ = 0 plus the prior."""
+        k_x, k_drop = keys
         xt = self.process.sample_xt(k_x, x0, t)
         logits = model(xt, t.astype(jnp.float32), deterministic=not train,
                        rngs=dropout_key(k_drop, train))
@@ -40,8 +66,7 @@ class DiscreteTime(Method):
                                  hybrid_lambda=self.hybrid_lambda if train else 0.0)
         if not train:
             per_token = per_token + d3pm_prior_term(x0, self.process)
-        loss = token_mean(per_token, batch)
-        return loss, {"loss": loss}
+        return per_token
 
     def denoiser(self, model) -> Denoiser:
         """log p_θ(x_0 | x_t) at integer steps t (B,); the reverse step p_θ(x_{t-1} | x_t) is

@@ -36,7 +36,8 @@ def ar_nll(logits: Array, tokens: Array, *, weights: Array | None = None,
       per_token: (B, L) float32 (float64 for float64 logits); `per_token[b, i]` = weighted NLL
         of tokens[b, i + 1] given tokens[b, :i + 1]; the last column is 0.
       aux: scalars `nll_sum` (Σ per_token), `num_targets` (Σ of the effective weights) and
-        `nll_mean` (nll_sum / max(num_targets, 1)).
+        `nll_mean` (nll_sum / max(num_targets, 1)); `row_targets` (B,) the effective weights
+        per sequence.
     """
     if logits.ndim != 3:
         raise ValueError(f"logits must be (B, L, V), got shape {logits.shape}")
@@ -64,7 +65,8 @@ def ar_nll(logits: Array, tokens: Array, *, weights: Array | None = None,
     per_token = jnp.pad(nll, ((0, 0), (0, 1)))  # (B, L), last column 0
     nll_sum = per_token.sum()
     num = w.sum()
-    aux = {"nll_sum": nll_sum, "num_targets": num, "nll_mean": nll_sum / jnp.maximum(num, 1.0)}
+    aux = {"nll_sum": nll_sum, "num_targets": num, "nll_mean": nll_sum / jnp.maximum(num, 1.0),
+           "row_targets": w.sum(-1)}
     return per_token, aux
 
 

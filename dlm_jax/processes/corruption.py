@@ -9,6 +9,8 @@ Times
   * `sample_block_times`: one time per (sequence, block), stratified over batch × blocks, on the
     interval `schedules.time_bounds(schedule, sampling_eps)` (the clipped [β_l, β_u] of BD3-LM).
   * `block_times`: repeat per-block times to per-token times.
+  * `evaluation_times`: several times per element for validation, by a named scheme
+    (`TIME_SCHEMES`: i.i.d., stratified, randomly shifted quadrature), each unbiased.
 
 Corruption
   * `corrupt`: per-token times, any process with `sample_transition(key, x0, sigma_bar)`.
@@ -110,6 +112,46 @@ def _sample_times(key, t_min, t_max, *, shape, antithetic, permute, dtype):
     t = jnp.clip(t_min + u * (t_max - t_min), t_min, t_max)
     t = jnp.where(t_min >= 1.0, jnp.ones_like(t), t)
     return t.reshape(shape).astype(dtype)
+
+
+TIME_SCHEMES = ("iid", "stratified", "quadrature")
+
+
+def evaluation_times(key: Array, shape: tuple[int, ...], *, scheme: str, samples: int = 1,
+                     t_min=1e-3, t_max=1.0) -> Array:
+    """`samples` evaluation times per element of `shape` (e.g. (B, K): sequence × block) in
+    [t_min, t_max], each marginally U[t_min, t_max], so any average of a per-time objective over
+    them is an unbiased Monte-Carlo estimate of its time integral (the NELBO of MDLM, Sahoo et
+    al., 2024, eq. 10, and of BD3-LM per block, Arriola et al., 2025, eq. 8).
+
+    scheme:
+      "iid": plain Monte Carlo, every time independent.
+      "stratified": the n = samples · prod(shape) times jointly stratified (`sample_times` with
+        `antithetic=True`: one time in each of n strata of width 1/n, randomly assigned), the
+        MDLM / BD3-LM "antithetic" sampling extended over the time samples.
+      "quadrature": per element a randomly shifted midpoint rule (a rank-1 lattice with a
+        Cranley–Patterson rotation; Cranley & Patterson, 1976, "Randomization of number theoretic
+        methods for multiple integration"): t_r = t_min + (t_max − t_min)·frac(u + r/samples) for
+        r < samples, with one u ~ U[0, 1) per element. Each element's times cover [t_min, t_max]
+        evenly (the error of a smooth 1-D integrand falls like samples^-2 rather than
+        samples^-1/2) and elements stay independent, so per-sequence values are i.i.d.
+
+    Returns (samples, *shape) float32.
+    """
+    if scheme not in TIME_SCHEMES:
+        raise ValueError(f"scheme must be one of {TIME_SCHEMES}, got {scheme!r}")
+    shape = (int(samples),) + tuple(int(s) for s in shape)
+    if scheme == "iid":
+        return sample_times(key, shape, t_min=t_min, t_max=t_max, antithetic=False)
+    if scheme == "stratified":
+        return sample_times(key, shape, t_min=t_min, t_max=t_max, antithetic=True)
+    u = jax.random.uniform(key, shape[1:], jnp.float32)
+    grid = jnp.arange(shape[0], dtype=jnp.float32).reshape((-1,) + (1,) * (len(shape) - 1))
+    frac = jnp.mod(u[None] + grid / shape[0], 1.0)
+    t_min = jnp.asarray(t_min, jnp.float32)
+    t_max = jnp.asarray(t_max, jnp.float32)
+    t = jnp.clip(t_min + frac * (t_max - t_min), t_min, t_max)
+    return jnp.where(t_min >= 1.0, jnp.ones_like(t), t)
 
 
 def _unit_interval(bits: Array, closed_left: bool = False) -> Array:
