@@ -214,8 +214,8 @@ def langevin_generator(exp, sampling, length: int) -> Generator:
     `sampling.steps` updates per noise level (0: `LANGEVIN_STEPS`), η = `sampling.step_size`·σ²,
     from the largest trained level to the smallest, then the posterior mode of each token. NFE:
     gradient evaluations (a forward + backward pass each count 1) plus the final pass."""
-    levels = tuple(float(v) for v in exp.cfg.diffusion.history_noise)
-    if exp.cfg.diffusion.objective != "ar" or not levels:
+    levels = exp.method.history_noise  # only the AR method dispatches here
+    if not levels:
         raise ConfigError("config.sampling.sampler='langevin' needs an AR run trained on noisy "
                           "histories (diffusion.history_noise, over data.source='ordinal'); "
                           "this run has none")
