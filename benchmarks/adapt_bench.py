@@ -25,14 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
+from results_table import _trained_steps  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _trained_steps(workdir: str) -> int:
-    ckpts = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
-    return max(steps, default=0)
 
 
 def train(workdir: str, arg: str, steps: int) -> float | None:
