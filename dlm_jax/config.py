@@ -63,6 +63,9 @@ class DataConfig:
 # each name to its `jax.checkpoint` policy).
 REMAT_POLICIES = ("none", "block", "dots")
 
+# model.attention: the backends of models/attention.py (which checks the platform at build).
+ATTENTION_BACKENDS = ("xla", "dense", "splash", "cudnn")
+
 # diffusion.objective: the keys of registry.METHODS.
 OBJECTIVES = ("ar", "nelbo", "score_entropy", "d3pm", "ctmc", "csm")
 
@@ -88,6 +91,9 @@ class ModelConfig:
     n_positions: int = 0            # gpt2: learned position table (0: data.seq_len; validate
                                     # writes the resolved size back)
     layer_norm_eps: float = 1e-5    # gpt2: eps of every LayerNorm
+    attention: str = "xla"          # xla (flash-style, every platform) | dense (the whole score
+                                    # matrix) | splash (TPU Pallas kernel) | cudnn (GPU)
+    scan_layers: bool = False       # the blocks as one lax.scan over stacked parameters
 
 
 @dataclasses.dataclass
@@ -290,6 +296,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.size", m.size, {"tiny", "bench", "small", "medium"})
     _choice("model.compute_dtype", m.compute_dtype, {"float32", "bfloat16"})
     _choice("model.remat", m.remat, set(REMAT_POLICIES))
+    _choice("model.attention", m.attention, set(ATTENTION_BACKENDS))
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     for key in ("width", "depth", "heads", "cond_dim", "mlp_ratio"):
         _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")

@@ -24,6 +24,7 @@ from dlm_jax.config import Config, ConfigError, OBJECTIVES, block_size, validate
 from dlm_jax.methods import (Autoregressive, ConcreteScoreMatching, ContinuousTimeELBO,
                              DiscreteTime, Masked, Method, ScoreEntropy)
 from dlm_jax.methods.csm import MAX_EXACT_NEIGHBOURS
+from dlm_jax.models.attention import check_backend
 from dlm_jax.models.transformer import DiT, build_model, model_dims
 from dlm_jax.processes import schedules, transitions
 from dlm_jax.processes.d3pm import D3PM
@@ -264,6 +265,10 @@ def build(cfg: Config, devices=None) -> Experiment:
         raise ConfigError(f"config.train.eval_times={cfg.train.eval_times!r} is not available "
                           f"for {method.name}; it supports {list(method.time_schemes)}")
     mesh = sharding.make_mesh(cfg.mesh, devices)
+    try:
+        check_backend(cfg.model.attention, mesh.devices.flat[0].platform)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
     rules = tuple(cfg.mesh.rules)
     shards = sharding.batch_divisor(mesh, rules)
     if cfg.train.batch_size % (shards * cfg.optim.accum_steps):

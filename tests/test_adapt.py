@@ -20,7 +20,7 @@ from dlm_jax.evals import initial_params, restore_run, validation_batches
 from dlm_jax.masks import band_mask, bd3lm_two_pass_mask, causal_mask
 from dlm_jax.methods.base import shift_rows
 from dlm_jax.models.adapt import ar_to_diffusion
-from dlm_jax.models.layers import attend, attend_two_pass
+from dlm_jax.models.layers import attend_dense as attend, attend_two_pass
 from dlm_jax.models.transformer import DiT
 from dlm_jax.trainer import Trainer
 

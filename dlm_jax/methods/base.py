@@ -31,7 +31,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.masks import band_mask, block_causal_mask, causal_mask
+from dlm_jax.models.attention import CAUSAL, MaskPattern
 from dlm_jax.objectives.ar import ar_nll
 from dlm_jax.processes import corruption
 from dlm_jax.processes.schedules import Schedule
@@ -235,7 +235,7 @@ class ContinuousTime(Method):
         """Mean AR NLL (nats/token) of a causal pass of the (diffusion) model over x_0 at σ = 0,
         over the real tokens' logits (joint training)."""
         x0 = batch["tokens"]
-        logits = model(x0, jnp.zeros(x0.shape[:1], jnp.float32), mask=causal_mask(x0.shape[1]),
+        logits = model(x0, jnp.zeros(x0.shape[:1], jnp.float32), mask=CAUSAL,
                        deterministic=not train, rngs=dropout_key(key, train))
         _, aux = ar_nll(logits[..., :self.token_vocab], x0, segment_ids=batch.get("segment_ids"))
         return aux["nll_sum"] / jnp.maximum(aux["num_targets"], 1.0)
@@ -273,7 +273,7 @@ class ContinuousTime(Method):
             raw = model.two_pass(xt, x0, sigma, self.block_size, band=band,
                                  deterministic=not train, rngs=rngs)
         else:
-            mask = None if band is None else band_mask(L, band)
+            mask = MaskPattern("full", band=band)
             raw = model(xt, sigma, mask=mask, deterministic=not train, rngs=rngs)
         return self.terms(self.outputs(raw), x0, xt,
                           corruption.block_times(t_blocks, self.block_size))
@@ -341,7 +341,7 @@ class ContinuousTime(Method):
     def raw_fn(self, model) -> Callable[[Array, Array], Array]:
         """(xt (B, L), σ̄ (B,) | (B, L)) -> raw outputs (B, L, S), block-causal with blocks."""
         def raw(xt, sigma_bar):
-            mask = block_causal_mask(xt.shape[1], self.block_size) if self.blocks else None
+            mask = MaskPattern("block_causal", self.block_size) if self.blocks else None
             return self.outputs(model(xt, sigma_bar, mask=mask))
         return raw
 
@@ -377,7 +377,7 @@ class ContinuousTime(Method):
                 return model.decode_block(block, zero, cache, commit=True)
             return BlockDecoder(lambda b: model.init_cache(b, w), log_probs, commit)
 
-        mask = block_causal_mask(length, lb)
+        mask = MaskPattern("block_causal", lb)
 
         def full(block, sigma, cache):
             tokens, start = cache

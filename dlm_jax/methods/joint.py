@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.masks import causal_mask
+from dlm_jax.models.attention import model_mask
 from dlm_jax.methods.ar import Autoregressive
 
 
@@ -29,7 +29,7 @@ class CausalReading:
     def __call__(self, tokens: jax.Array, sigma=None, *, mask=None, **kwargs) -> jax.Array:
         del sigma
         B, L = tokens.shape
-        causal = causal_mask(L) if mask is None else jnp.asarray(mask, bool) & causal_mask(L)
+        causal = model_mask(mask, L, causal=True)
         logits = self.model(tokens, jnp.zeros((B,), jnp.float32), mask=causal, **kwargs)
         return logits[..., :self.vocab]
 

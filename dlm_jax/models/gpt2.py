@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dlm_jax.masks import band_mask, bd3lm_two_pass_mask, causal_mask
+from dlm_jax.masks import causal_mask
+from dlm_jax.models.attention import MaskPattern, attend, check_backend, model_mask
 from dlm_jax.models.cache import KVCache
-from dlm_jax.models.layers import (LayerNorm, attend, attend_with_prefix, dropout, dropout_key,
+from dlm_jax.models.layers import (LayerNorm, attend_with_prefix, dropout, dropout_key,
                                    make_param, matmul_rows, zeros)
 from dlm_jax.models.transformer import REMAT_POLICIES, _split_keys
 
@@ -106,9 +107,9 @@ class GPT2Attention(nnx.Module):
 
 def attend_with_dropout(q: Array, k: Array, v: Array, mask: Array | None, rate: float,
                         key: Array) -> Array:
-    """Softmax attention with dropout on the probabilities (training only; `layers.attend`'s
-    fused path has no dropout). q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk)
-    or None (full). Returns (B, Lq, H, Dh) in q's dtype."""
+    """Softmax attention with dropout on the probabilities (training only; the backends of
+    `attention.attend` have none). q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool
+    (B|1, Lq, Lk) or None (full). Returns (B, Lq, H, Dh) in q's dtype."""
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     s = s / math.sqrt(q.shape[-1])
     if mask is not None:
@@ -135,10 +136,12 @@ class GPT2Block(nnx.Module):
     """h += Dropout(attn(LN₁ h)); h += Dropout(mlp(LN₂ h)); residual stream float32."""
 
     def __init__(self, width: int, heads: int, hidden: int, *, depth: int, eps: float,
-                 dropout: float, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout: float, attention: str = "xla", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         out_std = INIT_STD / math.sqrt(2 * depth)  # GPT-2's residual-path scaling
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout_rate = dropout
+        self.attention = attention
         self.ln_1 = LayerNorm(width, eps=eps, use_bias=True, param_dtype=param_dtype, rngs=rngs)
         self.attn = GPT2Attention(width, heads, out_std=out_std, **kw)
         self.ln_2 = LayerNorm(width, eps=eps, use_bias=True, param_dtype=param_dtype, rngs=rngs)
@@ -150,15 +153,17 @@ class GPT2Block(nnx.Module):
         branch = self.mlp(self.ln_2(h))
         return h + dropout(branch, self.dropout_rate, keys[1], deterministic).astype(jnp.float32)
 
-    def __call__(self, h: Array, mask: Array | None, *, deterministic: bool = True,
+    def __call__(self, h: Array, mask: Array | MaskPattern, *, deterministic: bool = True,
                  key: Array | None = None) -> Array:
-        """h (B, L, D) float32, mask bool (B|1, L, L) (causal, maybe ANDed with the user's) or
-        None (full: the bidirectional variant) -> (B, L, D) float32."""
+        """h (B, L, D) float32, mask: a `MaskPattern` or bool (B|1, L, L) (causal, maybe ANDed
+        with the user's; full for the bidirectional variant) -> (B, L, D) float32."""
         k_attn, *keys = _split_keys(key, 3)
         q, k, v = self.attn.project(self.ln_1(h))
         if deterministic or self.dropout_rate == 0.0:
-            o = attend(q, k, v, mask)
-        else:
+            o = attend(q, k, v, mask, backend=self.attention)
+        else:  # dropout on the probabilities needs them all: the dense path
+            if isinstance(mask, MaskPattern):
+                mask = mask.dense(q.shape[1], k.shape[1])[None]
             o = attend_with_dropout(q, k, v, mask, self.dropout_rate, k_attn)
         return self._residuals(h, self.attn.output(o), deterministic=deterministic, keys=keys)
 
@@ -194,6 +199,7 @@ class GPT2(nnx.Module):
       causal: AND the causal mask into every attention (the language model); False: none.
       dropout: embedding / attention / residual dropout rate (deterministic=False only).
       remat: "none" | "block" | "dots", per block, as `DiT`'s (values unchanged).
+      attention: the attention backend, as `DiT`'s (attention dropout takes the dense path).
       dtype: compute dtype of matmuls; params are `param_dtype`.
       rngs: parameter initialisation RNG (the ``params`` stream).
     """
@@ -201,7 +207,8 @@ class GPT2(nnx.Module):
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
                  n_positions: int, mlp_hidden: int | None = None, layer_norm_eps: float = 1e-5,
                  dropout: float = 0.0, remat: str = "none", causal: bool = True,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 attention: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if width % heads:
             raise ValueError(f"GPT-2 width {width} must split into {heads} heads")
         if n_positions < 1:
@@ -210,6 +217,7 @@ class GPT2(nnx.Module):
             raise ValueError(f"remat={remat!r}; choose from {sorted(REMAT_POLICIES)}")
         self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
         self.causal = causal
+        self.attention = check_backend(attention)
         self.head_dim = width // heads
         self.n_positions, self.mlp_hidden = n_positions, mlp_hidden or 4 * width
         self.layer_norm_eps, self.dropout, self.remat, self.dtype = (
@@ -219,7 +227,8 @@ class GPT2(nnx.Module):
         self.wpe = make_param(rngs, _normal(INIT_STD), (n_positions, width), (None, "embed"),
                               param_dtype)
         self.blocks = nnx.List([GPT2Block(width, heads, self.mlp_hidden, depth=depth,
-                                          eps=layer_norm_eps, dropout=dropout, dtype=dtype,
+                                          eps=layer_norm_eps, dropout=dropout,
+                                          attention=attention, dtype=dtype,
                                           param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(depth)])
         self.ln_f = LayerNorm(width, eps=layer_norm_eps, use_bias=True, param_dtype=param_dtype,
@@ -274,11 +283,7 @@ class GPT2(nnx.Module):
         """The final hidden states LN_f(h) (B, L, D) float32 (HF `last_hidden_state`)."""
         B, L = tokens.shape
         self._check_positions(L, positions)
-        if mask is not None:
-            mask = jnp.asarray(mask, bool)
-            mask = mask[None] if mask.ndim == 2 else mask
-        if self.causal:
-            mask = causal_mask(L)[None] if mask is None else mask & causal_mask(L)[None]
+        mask = model_mask(mask, L, causal=self.causal)
         if positions is None:
             positions = jnp.arange(L, dtype=jnp.int32)
         positions = jnp.asarray(positions)
@@ -295,8 +300,8 @@ class GPT2(nnx.Module):
                  rngs=None) -> Array:
         """Logits (B, L, V) float32 for tokens (B, L) int32; position i predicts token i + 1.
 
-        sigma: ignored (the AR interface). mask: bool (B|1, L, L) or (L, L), ANDed with the
-        causal mask (causal=False: the mask alone; None: full). positions: (B|1, L) or (L,)
+        sigma: ignored (the AR interface). mask: a `MaskPattern`, bool (B|1, L, L) or (L, L),
+        ANDed with the causal mask (causal=False: the mask alone; None: full). positions: (B|1, L) or (L,)
         indices into wpe, default 0…L−1 (a static L > n_positions, or concrete positions
         outside the table, raise ValueError).
         rngs: dropout randomness, needed only if deterministic=False.
@@ -308,18 +313,17 @@ class GPT2(nnx.Module):
     def two_pass(self, xt: Array, x0: Array, sigma: Array | None, block_size: int, *,
                  band: Array | None = None, deterministic: bool = True, rngs=None) -> Array:
         """BD3-LM training forward over [x_t ⊕ x_0] (the bidirectional variant): positions
-        0…L−1 for both halves, the two-pass mask (`masks.bd3lm_two_pass_mask`, dense here),
-        narrowed inside blocks to keys j ≤ i + band when given (annealing). σ is ignored.
+        0…L−1 for both halves, the two-pass mask (`masks.bd3lm_two_pass_mask`), narrowed inside blocks to keys j ≤ i + band when given (annealing). σ is ignored.
         Returns the logits of the x_t half (B, L, V) float32."""
         del sigma
         if self.causal:
             raise ValueError("two_pass is for the bidirectional (causal=False) GPT-2")
         L = xt.shape[1]
-        mask = bd3lm_two_pass_mask(L, block_size)
-        if band is not None:
-            mask = mask & jnp.tile(band_mask(L, band), (2, 2))
+        if L % block_size:
+            raise ValueError(f"length {L} is not a multiple of block_size {block_size}")
+        mask = MaskPattern("two_pass", block_size, band)
         half = jnp.arange(L, dtype=jnp.int32)
-        h = self.features(jnp.concatenate([xt, x0], axis=1), mask=mask[None],
+        h = self.features(jnp.concatenate([xt, x0], axis=1), mask=mask,
                           positions=jnp.concatenate([half, half])[None],
                           deterministic=deterministic, rngs=rngs)
         return self.logits(h[:, :L])

@@ -35,7 +35,6 @@ and ``sharding.py`` places them (``nnx.get_partition_spec`` + its rules table, j
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -253,28 +252,13 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 # Attention
 # ---------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class TwoPassMask:
-    """The BD3-LM two-pass pattern over [x_t ⊕ x_0] (`masks.bd3lm_two_pass_mask`), as a layout.
+def attend_dense(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Softmax attention, scale 1/sqrt(Dh), softmax in float32, with the whole score matrix.
 
-    Passed to `attend` in place of the dense (2L, 2L) boolean mask, it selects `attend_two_pass`,
-    which never forms the masked-out three quarters of the score matrix. `band` (an int32
-    scalar, may be traced; None: off) narrows attention inside each block, in both halves, to
-    keys j ≤ i + band (`masks.band_mask`): the attention-mask annealing of AR adaptation.
+    q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk) (True = may attend) or None
+    (full). Returns (B, Lq, H, Dh) in q's dtype. Models call `models.attention.attend`, which
+    takes structured masks and picks the backend.
     """
-
-    block_size: int
-    band: Array | None = None
-
-
-def attend(q: Array, k: Array, v: Array, mask: Array | TwoPassMask | None) -> Array:
-    """Softmax attention, scale 1/sqrt(Dh), softmax in float32.
-
-    q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk) (True = may attend), None
-    (full) or a `TwoPassMask`. Returns (B, Lq, H, Dh) in q's dtype.
-    """
-    if isinstance(mask, TwoPassMask):
-        return attend_two_pass(q, k, v, mask.block_size, band=mask.band)
     m = None if mask is None else mask[:, None, :, :]
     return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0 / math.sqrt(q.shape[-1]),
                                         implementation="xla")
@@ -339,14 +323,14 @@ def attend_two_pass(q: Array, k: Array, v: Array, block_size: int, *,
                     band: Array | None = None) -> Array:
     """BD3-LM two-pass attention over [x_t ⊕ x_0] without the dense (2L, 2L) score matrix.
 
-    Equals `attend(q, k, v, bd3lm_two_pass_mask(L, block_size)[:, :Lq])`: a noisy query in block b
+    Equals `attend_dense(q, k, v, bd3lm_two_pass_mask(L, block_size)[:, :Lq])`: a noisy query in block b
     sees its own noisy block (bidirectionally) and the clean blocks < b; a clean query in block b
     sees the clean blocks ≤ b; no query sees another noisy block. So the noisy keys are needed
     only block-diagonally: scores are (L, Lb) within the noisy blocks plus (Lq, L) against the
     clean half, instead of (Lq, 2L) — half the work and memory of the dense form, for any Lb.
 
     q (B, Lq, H, Dh) with Lq = 2L (both halves) or L (noisy rows only, as in the last layer);
-    k/v (B, 2L, H, Dh); band: see `TwoPassMask` (the same band in both halves).
+    k/v (B, 2L, H, Dh); band: see `attention.MaskPattern` (the same band in both halves).
     Returns (B, Lq, H, Dh) in q's dtype.
     """
     B, Lq, H, Dh = q.shape

@@ -41,10 +41,11 @@ from flax import nnx
 
 from dlm_jax.config import REMAT_POLICIES as REMAT_NAMES, ConfigError, ModelConfig
 from dlm_jax.masks import causal_mask
+from dlm_jax.models.attention import MaskPattern, attend, check_backend, model_mask
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
                                    make_param, zeros,
-                                   Dense, TwoPassMask, apply_rotary, attend, attend_with_prefix,
+                                   Dense, apply_rotary, attend_with_prefix,
                                    SIGMA_FEATURES, SIGMA_MAX_PERIOD, dropout, dropout_key, modulate,
                                    per_row, rotary_cos_sin)
 
@@ -97,9 +98,10 @@ class DiTBlock(nnx.Module):
     """
 
     def __init__(self, width: int, heads: int, cond_dim: int, *, mlp_ratio: int = 4,
-                 dropout: float = 0.0, adaln: bool = True, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout: float = 0.0, adaln: bool = True, attention: str = "xla",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dropout_rate = dropout
+        self.attention = attention
         self.norm1 = LayerNorm(width, param_dtype=param_dtype, rngs=rngs)
         self.attn = Attention(width, heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = LayerNorm(width, param_dtype=param_dtype, rngs=rngs)
@@ -128,13 +130,13 @@ class DiTBlock(nnx.Module):
         return h + (branch if mod is None else per_row(mod[..., 5, :]) * branch)
 
     def __call__(self, h: Array, c: Array | None, cos: Array, sin: Array,
-                 mask: Array | TwoPassMask | None, *,
+                 mask: Array | MaskPattern | None, *,
                  q_rows: int | None = None, deterministic: bool = True,
                  key: Array | None = None) -> Array:
         """One block over h (B, L, D) float32 with conditioning c (B, C) (None without adaLN).
 
-        cos/sin (B|1, L, Dh) rotary tables; mask bool (B|1, L, L), None (full) or a TwoPassMask
-        (the BD3-LM layout over [x_t ⊕ x_0]). With q_rows, only the first q_rows rows are
+        cos/sin (B|1, L, Dh) rotary tables; mask: a `MaskPattern` (e.g. the BD3-LM layout over
+        [x_t ⊕ x_0]), a bool array (B|1, L, L) or None (full); computed by `attention`. With q_rows, only the first q_rows rows are
         computed as queries/outputs (keys still cover all L rows): returns (B, q_rows, D).
         Returns (B, L, D) float32 otherwise.
         """
@@ -143,12 +145,12 @@ class DiTBlock(nnx.Module):
         k = apply_rotary(k, cos, sin)
         if q_rows is not None:
             q, h, cos, sin = q[:, :q_rows], h[:, :q_rows], cos[:, :q_rows], sin[:, :q_rows]
-            if isinstance(mask, jax.Array):  # a TwoPassMask adapts to q's length itself
+            if isinstance(mask, jax.Array):  # a pattern adapts to q's length itself
                 mask = mask[:, :q_rows]
             if mod is not None and mod.ndim == 4:  # per-token conditioning
                 mod = mod[:, :q_rows]
         q = apply_rotary(q, cos, sin)
-        o = attend(q, k, v, mask)
+        o = attend(q, k, v, mask, backend=self.attention)
         return self._residuals(h, self.attn.output(o), mod, deterministic=deterministic, key=key)
 
     def decode(self, h: Array, c: Array | None, k_cache: Array, v_cache: Array, cache_mask: Array,
@@ -226,6 +228,8 @@ class DiT(nnx.Module):
       remat: activation rematerialisation per block, trading compute for memory: "none",
         "block" (keep only each block's input; recompute the block in the backward pass) or
         "dots" (keep the matmul outputs, recompute the element-wise ops). Values are unchanged.
+      attention: the attention backend (`models.attention`): "xla" (flash-style, every
+        platform), "dense", "splash" (TPU), "cudnn" (GPU).
       history_noise: causal only — the noisy-history AR model of PnF (Jayaram & Thickstun, 2021)
         over an ordinal vocabulary: ``__call__``'s σ is the noise level of the history, added to
         every embedding as log(1 + σ)·u with one learned vector u (D,) (`noise_embed`,
@@ -240,8 +244,8 @@ class DiT(nnx.Module):
                  causal: bool = False, time_conditioning: bool = False,
                  token_conditioning: bool = True, sigma_features: int = SIGMA_FEATURES,
                  sigma_max_period: float = SIGMA_MAX_PERIOD, remat: str = "none",
-                 history_noise: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 attention: str = "xla", history_noise: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
         self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
@@ -254,6 +258,7 @@ class DiT(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; choose from {sorted(REMAT_POLICIES)}")
         self.remat = remat
+        self.attention = check_backend(attention)
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
@@ -261,7 +266,8 @@ class DiT(nnx.Module):
                                         max_period=sigma_max_period, param_dtype=param_dtype,
                                         rngs=rngs) if self.adaln else None)
         self.blocks = nnx.List([DiTBlock(width, heads, cond_dim, mlp_ratio=mlp_ratio,
-                                         dropout=dropout, adaln=self.adaln, **kw)
+                                         dropout=dropout, adaln=self.adaln,
+                                         attention=attention, **kw)
                                 for _ in range(depth)])
         self.final = FinalLayer(width, vocab_size, cond_dim, adaln=self.adaln, **kw)
         if history_noise and not causal:
@@ -368,18 +374,13 @@ class DiT(nnx.Module):
 
         tokens may be float values (B, L) of an ordinal vocabulary (`interpolated_embedding`);
         with `history_noise`, σ (B,) or scalar is the noise level of those values.
-        mask: bool (B|1, L, L) or (L, L), True = may attend; None = full attention (the AR model
-        always ANDs the causal mask in). positions: (B|1, L) or (L,) ints for rotary, default
+        mask: a `MaskPattern`, bool (B|1, L, L) or (L, L) (True = may attend), or None = full
+        attention (the AR model always ANDs the causal mask in). positions: (B|1, L) or (L,) ints for rotary, default
         0…L−1. rngs: dropout randomness, needed only if deterministic=False.
         Returns (B, L, V) float32.
         """
         B, L = tokens.shape
-        if mask is not None:
-            mask = jnp.asarray(mask, bool)
-            mask = mask[None] if mask.ndim == 2 else mask
-        if self.causal:
-            causal = causal_mask(L)[None]
-            mask = causal if mask is None else mask & causal
+        mask = model_mask(mask, L, causal=self.causal)
         if positions is None:
             positions = jnp.arange(L, dtype=jnp.int32)
         positions = jnp.asarray(positions)
@@ -398,7 +399,7 @@ class DiT(nnx.Module):
         `token_conditioning` (the clean half is then conditioned on σ = 0). Rotary positions 0…L−1 for both
         halves; the two-pass mask keeps x_t blocks away from each other and from their own clean
         block. block_size = L reproduces the plain bidirectional call on x_t. band (int32,
-        may be traced): attention inside each block only to keys j ≤ i + band (`TwoPassMask`).
+        may be traced): attention inside each block only to keys j ≤ i + band (`MaskPattern`).
         Returns (B, L, V) float32.
         """
         if self.causal:
@@ -409,7 +410,7 @@ class DiT(nnx.Module):
         tokens = jnp.concatenate([xt, x0], axis=1)
         half = jnp.arange(L, dtype=jnp.int32)
         positions = jnp.concatenate([half, half])[None]
-        mask = TwoPassMask(block_size, band)  # attention computed block-sparsely
+        mask = MaskPattern("two_pass", block_size, band)
         key = self._dropout_key(rngs, deterministic)
         c = self._conditioning(sigma, B, L, clean_rows=L)
         return self._forward(tokens, c, mask, positions, out_rows=L,
@@ -494,11 +495,11 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool,
         return GPT2(vocab_size, dims["width"], dims["depth"], dims["heads"],
                     n_positions=cfg.n_positions, mlp_hidden=cfg.mlp_ratio * dims["width"],
                     layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout, remat=cfg.remat,
-                    causal=causal, dtype=dtype, rngs=rngs)
+                    causal=causal, attention=cfg.attention, dtype=dtype, rngs=rngs)
     return DiT(vocab_size, dims["width"], dims["depth"], dims["heads"], cond_dim=dims["cond_dim"],
                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=causal,
                time_conditioning=cfg.time_conditioning,
                token_conditioning=cfg.token_conditioning, sigma_features=cfg.sigma_features,
                sigma_max_period=cfg.sigma_max_period, remat=cfg.remat,
-               history_noise=history_noise, dtype=dtype,
+               attention=cfg.attention, history_noise=history_noise, dtype=dtype,
                rngs=rngs)
