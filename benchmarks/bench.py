@@ -84,6 +84,7 @@ SIZES = {
     # size: (model preset, default L, default batch, default block)
     "bench": ("bench", 256, 8, 16),
     "tiny": ("tiny", 32, 8, 4),
+    "small": ("small", 1024, 2, 16),   # the papers' small model (perf_table.py)
 }
 
 
@@ -99,8 +100,10 @@ def byte_vocab() -> int:
 
 def make_config(family: str, *, size: str = "bench", seq_len: int | None = None,
                 batch: int | None = None, block: int | None = None, dropout: float = 0.0,
-                clip_ema: bool = False, remat: str = "none", vocab: int | None = None):
-    """The benchmark Config for one family (synthetic Markov source, no data is read)."""
+                clip_ema: bool = False, remat: str = "none", vocab: int | None = None,
+                dtype: str = "float32", attention: str | None = None):
+    """The benchmark Config for one family (synthetic Markov source, no data is read);
+    `attention` None keeps the config's default backend."""
     from dlm_jax.config import Config, validate
     from dlm_jax.registry import apply_family, set_fields
     preset, L0, B0, blk0 = SIZES[size]
@@ -115,7 +118,9 @@ def make_config(family: str, *, size: str = "bench", seq_len: int | None = None,
     cfg.model.size = preset
     cfg.model.dropout = dropout
     cfg.model.remat = remat
-    cfg.model.compute_dtype = "float32"
+    cfg.model.compute_dtype = dtype
+    if attention is not None:
+        cfg.model.attention = attention
     cfg.diffusion.process = "absorbing"
     cfg.optim.lr, cfg.optim.warmup_steps = 3e-4, 0
     cfg.optim.b1, cfg.optim.b2, cfg.optim.eps, cfg.optim.weight_decay = 0.9, 0.999, 1e-8, 0.0
@@ -137,31 +142,36 @@ def _stats(xs) -> dict:
     return {"median": float(np.median(xs)), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def measure_peak(n: int = 2048, repeats: int = 5) -> dict:
-    """GFLOP/s of an n×n float32 matmul through jax (jit, one device) and numpy."""
+def measure_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32",
+                 with_numpy: bool = True) -> dict:
+    """GFLOP/s of an n×n matmul through jax (jit, one device, in `dtype`) and numpy (float32;
+    `with_numpy` False skips it, e.g. beside an accelerator, where it is only host time)."""
     import jax
     import jax.numpy as jnp
     rng = np.random.default_rng(0)
     a_np = rng.standard_normal((n, n), dtype=np.float32)
     b_np = rng.standard_normal((n, n), dtype=np.float32)
-    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+    a, b = jnp.asarray(a_np, dtype), jnp.asarray(b_np, dtype)
     f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
     flop = 2.0 * n ** 3
     jt, nt = [], []
-    np.matmul(a_np, b_np)
+    if with_numpy:
+        np.matmul(a_np, b_np)
     for _ in range(repeats):
         t0 = time.perf_counter()
         f(a, b).block_until_ready()
         jt.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        np.matmul(a_np, b_np)
-        nt.append(time.perf_counter() - t0)
+        if with_numpy:
+            t0 = time.perf_counter()
+            np.matmul(a_np, b_np)
+            nt.append(time.perf_counter() - t0)
+    nt = nt or [float("nan")]
     return {"n": n, "jax_gflops": flop / np.median(jt) / 1e9,
             "jax_gflops_best": flop / min(jt) / 1e9,
             "numpy_gflops": flop / np.median(nt) / 1e9,
             "numpy_gflops_best": flop / min(nt) / 1e9,
-            "jax_s": [float(t) for t in jt], "numpy_s": [float(t) for t in nt],
+            "dtype": dtype, "jax_s": [float(t) for t in jt], "numpy_s": [float(t) for t in nt],
             "loadavg": list(os.getloadavg())}
 
 
@@ -409,10 +419,9 @@ def phase_functions(case: Case) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
-    from dlm_jax.masks import causal_mask
     from dlm_jax.methods import ContinuousTime
     from dlm_jax.models import model_dims
-    from dlm_jax.models.layers import TwoPassMask, attend
+    from dlm_jax.models.attention import CAUSAL, FULL, MaskPattern, attend
     tr, cfg = case.trainer, case.cfg
     exp, method = tr.exp, tr.exp.method
     # Copies: the train step donates (and so deletes) the state it is given.
@@ -446,14 +455,12 @@ def phase_functions(case: Case) -> dict:
     ks = jax.random.split(jax.random.key(2), 3)
     q, k_, v = (jax.random.normal(kk, (B, S, H, Dh), jnp.float32) for kk in ks)
     if two_pass:
-        mask = TwoPassMask(cfg.diffusion.block_size)  # what DiT.two_pass uses
-    elif method.causal:
-        mask = causal_mask(L)[None]
+        mask = MaskPattern("two_pass", cfg.diffusion.block_size)  # what DiT.two_pass uses
     else:
-        mask = None
+        mask = CAUSAL if method.causal else FULL
 
     def attn_loss(q, k_, v):
-        return attend(q, k_, v, mask).sum()
+        return attend(q, k_, v, mask, backend=cfg.model.attention).sum()
 
     return {
         "model_forward": (jax.jit(lambda p, b: model_out(p, b).sum()), (params, batch)),

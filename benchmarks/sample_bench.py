@@ -37,12 +37,15 @@ from bench import machine_info, make_config  # noqa: E402
 
 
 def _case(family, length, batch, *, sampler, cached, steps=0, block=16, size="bench",
-          window=0):
+          window=0, fields=(), **config):
+    """One compiled sampler case; `fields` (dotted name, value) pairs and `config` (keywords of
+    `make_config`, e.g. dtype) adjust the model's config."""
     from dlm_jax import registry
     from dlm_jax.generation import AR_SAMPLERS, make_generator, sample_keys
     # BD3-LM models of context 1024 (the papers'); longer generations slide the cache window.
     cfg = make_config(family, size=size, seq_len=min(length, 1024) if family == "bd3lm"
-                      else length, batch=batch, block=block)
+                      else length, batch=batch, block=block, **config)
+    registry.set_fields(cfg, fields)
     cfg.sampling.sampler, cfg.sampling.steps, cfg.sampling.length = sampler, steps, length
     cfg.sampling.kv_cache, cfg.sampling.skip_unchanged = cached, False
     cfg.sampling.window = window

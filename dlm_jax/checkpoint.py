@@ -10,6 +10,12 @@ leaves carry the new shardings.
 A checkpoint may also hold parameters alone (`save_params`: what `dlm_jax.convert` writes for
 imported weights): `is_params_only` tells them apart and `restore_params` reads them.
 
+Layer layouts: the transformer blocks' parameters are unrolled (params["blocks"][i]) or stacked
+(`model.scan_layers`: one tree with a leading depth axis; `models.layout`). Every restore reads
+the stored layout from the checkpoint's tree metadata and, where it differs from the layout asked
+for, restores in the stored layout and converts params, optimizer moments and EMA alike (placed
+on the requested shardings), so `model.scan_layers` may change between runs of one workdir.
+
 Faults: a newest checkpoint that cannot be restored (a truncated or corrupt file) is renamed
 `<step>.unreadable` — kept, never deleted — and the next older one is tried; a save that fails
 (disk full, a read-only directory) raises `CheckpointError` naming the step and the directory,
@@ -25,10 +31,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from dlm_jax.models.layout import find_layout, to_layout
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or no checkpoint could be restored; says which."""
+
+
+class LayoutError(CheckpointError):
+    """A checkpoint was read but its layer layout could not be converted to the one asked for
+    (the checkpoint is fine: it is never set aside for this)."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -85,15 +99,57 @@ class Checkpointer:
         if self._pending is not None and not self._mngr.is_saving_in_progress():
             self.wait()
 
+    def stored_layout(self, step: int, item: str = "state") -> bool | None:
+        """Whether checkpoint `step`'s `item` ("state" or, for `save_params`, "params") holds
+        stacked blocks (True), unrolled ones (False), or no params dict / no readable metadata
+        (None: restore as asked, and let that fail with its own error)."""
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            meta = handler.metadata(epath.Path(self.directory) / str(step) / item)
+        except Exception:  # noqa: BLE001 - missing or unreadable: the restore will say so
+            return None
+        finally:
+            handler.close()
+        return find_layout(getattr(meta, "tree", meta))
+
+    def _relayout(self, step: int, item: str, abstract: Any, restore):
+        """`restore(abstract_in_stored_layout)`, then converted to `abstract`'s layout and
+        shardings; just `restore(abstract)` when the layouts agree (`stored_layout`)."""
+        want = find_layout(abstract)
+        stored = self.stored_layout(step, item) if want is not None else None
+        if stored is None or stored == want:
+            return restore(abstract)
+        logging.info("checkpoint %s holds %s blocks; converting to %s", self.path(step),
+                     *(("stacked", "unrolled") if stored else ("unrolled", "stacked")))
+        try:
+            source = to_layout(abstract, stored)
+        except ValueError as e:
+            raise LayoutError(f"checkpoint {self.path(step)}: cannot describe the requested "
+                              f"state in the stored layer layout: {e}") from e
+        restored = restore(source)
+        shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        try:
+            return jax.jit(lambda t: to_layout(t, want), out_shardings=shardings)(restored)
+        except ValueError as e:
+            raise LayoutError(f"checkpoint {self.path(step)}: converting its "
+                              f"{'stacked' if stored else 'unrolled'} blocks (model.scan_layers) "
+                              f"failed: {e}") from e
+
     def _restore(self, step: int, abstract_state: Any, data: bool):
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data:
-            args["data"] = ocp.args.JsonRestore()
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
-        return restored.state, restored.data if data else None
+        def restore(abstract):
+            args = {"state": ocp.args.StandardRestore(abstract)}
+            if data:
+                args["data"] = ocp.args.JsonRestore()
+            restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+            out[0] = restored.data if data else None
+            return restored.state
+        out = [None]
+        state = self._relayout(step, "state", abstract_state, restore)
+        return state, out[0]
 
     def restore(self, abstract_state: Any, data_iter=None, step: int | None = None):
-        """Restore `step` (default: the newest restorable) into `abstract_state`'s layout.
+        """Restore `step` (default: the newest restorable) into `abstract_state`'s layout
+        (converting the blocks' layer layout if the checkpoint has the other one).
 
         `data_iter`, if given, is moved to the saved position in place (its `set_state` raises
         ValueError when the position does not fit the pipeline, e.g. other data streams; that is
@@ -109,6 +165,8 @@ class Checkpointer:
                 try:
                     found = candidate, *self._restore(candidate, abstract_state, with_data)
                     break
+                except LayoutError:
+                    raise
                 except Exception as e:  # noqa: BLE001 - any failure: fall back to an older step
                     reason = _first_line(e)
                     self.skipped.append((candidate, reason))
@@ -158,9 +216,10 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
-        return step, restored.params
+        def restore(abstract):
+            return self._mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract))).params
+        return step, self._relayout(step, "params", abstract_params, restore)
 
     def wait(self) -> None:
         """Wait for the pending save; CheckpointError if it failed."""

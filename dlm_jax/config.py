@@ -444,7 +444,8 @@ def parse_arg(arg: str | None, *, positional: tuple[str, ...], options: dict[str
 
 # Fields a resumed run may not change: they change the parameters' shapes or meaning, the
 # vocabulary, the process or the blocks (the checkpoint would not fit, or would mean something
-# else). Any other change (lr, steps, cadences, data order, mesh) is allowed and reported.
+# else). Any other change (lr, steps, cadences, data order, mesh) is allowed and reported;
+# model.scan_layers among them: restoring converts the blocks' layer layout (checkpoint.py).
 RESUME_FIXED = (
     "model.size", "model.width", "model.depth", "model.heads", "model.cond_dim",
     "model.mlp_ratio", "model.time_conditioning", "model.token_conditioning",

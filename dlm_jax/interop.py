@@ -194,15 +194,18 @@ def import_checkpoint(family: str, checkpoint: str, out: str, *, heads=None, blo
     from dlm_jax.checkpoint import save_params
     from dlm_jax.models import convert
     from dlm_jax.models.convert import open_checkpoint, shape_problems
+    from dlm_jax.models.layout import stack_layers
 
     start = time.perf_counter()
     if os.path.exists(os.path.join(out, "checkpoints")):
         raise ValueError(f"{out} already has checkpoints/: convert into a new directory")
     src, config = open_checkpoint(checkpoint, unsafe_pickle=unsafe_pickle)
     settings, params = _read_model(family, src, config, heads)
-    params = to_device_leafwise(params)
     cfg = import_config(family, settings, config, block_size=block_size, seq_len=seq_len,
                         tokenizer=tokenizer, tokenizer_path=tokenizer_path, sets=sets)
+    if cfg.model.scan_layers:  # the converters give unrolled blocks; stack them as asked
+        params = stack_layers(params)
+    params = to_device_leafwise(params)
     names = {convert.strip_prefix_name(k): k for k in src}
     if family == "bd3lm" and {"sampling_eps_min", "sampling_eps_max"} <= names.keys():
         # HF BD3LM checkpoints carry the clipped schedule they were trained with.
@@ -234,7 +237,7 @@ def import_checkpoint(family: str, checkpoint: str, out: str, *, heads=None, blo
 
 def export_run(workdir: str, path: str) -> dict:
     """Write the (EMA) parameters of `workdir`'s newest checkpoint to `path` (safetensors)
-    under the reference names; returns a summary."""
+    under the reference names (either layer layout: the writers unstack); returns a summary."""
     import jax
     from safetensors.numpy import save_file
 

@@ -207,6 +207,11 @@ def _new_model(cfg: Config, method: Method, token_vocab: int, seed: int) -> DiT:
                        history_noise=bool(cfg.diffusion.history_noise), rngs=nnx.Rngs(seed))
 
 
+# Parameter subtrees read by a lookup, not a matmul: the DiT's token embedding and GPT-2's
+# position table (GPT-2's token table is also its tied output head, so it counts).
+GATHER_TABLES = ("embed", "wpe")
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything resolved from one config, shared by train, evaluate, bench and sample.
@@ -235,9 +240,16 @@ class Experiment:
         return nnx.merge(self.graphdef, params)
 
     def flops_per_token(self) -> float:
+        """The method's training FLOPs per token with the configured attention backend; N
+        leaves out the input tables that are only gathered (`GATHER_TABLES`): no matmul."""
         dims = model_dims(self.cfg.model)
-        return self.method.flops_per_token(num_params=self.num_params, depth=dims["depth"],
-                                           width=dims["width"], seq_len=self.cfg.data.seq_len)
+        gathered = sum(math.prod(x.shape) for name in GATHER_TABLES
+                       if name in self.abstract_params
+                       for x in jax.tree.leaves(self.abstract_params[name]))
+        return self.method.flops_per_token(num_params=self.num_params - gathered,
+                                           depth=dims["depth"], width=dims["width"],
+                                           seq_len=self.cfg.data.seq_len,
+                                           attention=self.cfg.model.attention)
 
     def dataset(self, split: str, *, global_batch: int, repeat: bool, shuffle: bool = True):
         """This host's grain pipeline for `split` (train / validation)."""

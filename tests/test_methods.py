@@ -10,8 +10,9 @@ objectives' validation numbers are what the exact-identity tests prove.
   * CSM: the method's exact loss is the trainable objective J, which differs from
     E‖c_θ − c_p‖² by a θ-free constant; its pseudo-likelihood of the true score is the true
     conditional NLL.
-  * FLOPs: the attention term of two-pass training equals the score/value FLOPs of the
-    block-sparse attention's own graph.
+  * FLOPs: the attention term of every pattern (two-pass training included) equals the
+    score/value FLOPs of the attention's own graph, for the dense and the xla backend; the
+    experiment's count leaves out the gathered embedding table.
 """
 import math
 import os
@@ -26,9 +27,9 @@ from flax import nnx
 
 from dlm_jax import oracles, registry
 from dlm_jax.methods import ConcreteScoreMatching, ContinuousTimeELBO
-from dlm_jax.methods.base import attention_flops
+from dlm_jax.methods.base import attention_flops, score_pairs
+from dlm_jax.models.attention import MaskPattern, attend
 from dlm_jax.models import DiT
-from dlm_jax.models.layers import attend_two_pass
 from dlm_jax.objectives import csm
 from dlm_jax.objectives.ctmc import ctmc_nelbo_exact
 from dlm_jax.processes import schedules, transitions
@@ -181,37 +182,93 @@ def test_csm_pseudo_likelihood_of_the_true_score_is_the_conditional_nll():
 
 
 def _dot_flops(fn, *args) -> float:
-    """FLOPs of every dot_general in fn's graph (2 · output size · contracted size)."""
-    total = 0.0
-
-    def walk(jaxpr):
-        nonlocal total
+    """FLOPs of every dot_general in fn's graph (2 · output size · contracted size); a scan's
+    body counts `length` times, a cond its dearest branch."""
+    def walk(jaxpr) -> float:
+        total = 0.0
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "dot_general":
                 (lc, _), _ = eqn.params["dimension_numbers"]
                 lhs = eqn.invars[0].aval.shape
                 total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
                     lhs[d] for d in lc)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return total
+            inner = [walk(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+            if eqn.primitive.name == "cond":
+                total += max(inner, default=0.0)
+                continue
+            if eqn.primitive.name == "while" and sum(inner):
+                raise AssertionError("dots inside a while loop: its trip count is not in the "
+                                     "graph, so this count cannot be checked")
+            total += sum(inner) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        return total
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
+# L 32: one flash tile; L 640: several, the last ones padded.
+@pytest.mark.parametrize("L", [32, 640])
 @pytest.mark.parametrize("block", [4, 8, 32])
-def test_two_pass_flop_count_matches_the_block_sparse_attention(block):
+@pytest.mark.parametrize("backend", ["dense", "xla"])
+def test_two_pass_flop_count_matches_the_attention_graph(block, backend, L):
     exp, _ = _experiment(f"bd3lm,block={block}")
-    L, H, Dh, D = 32, 2, 8, 16
+    H, Dh, D = 2, 8, 16
+    method = registry.METHODS["nelbo"](exp.cfg, exp.token_vocab)
+    counted = method.flops_per_token(num_params=0, depth=3, width=D, seq_len=L,
+                                     attention=backend)
+    if not method.blocks:  # one block: plain bidirectional attention over L keys
+        np.testing.assert_allclose(counted, attention_flops(
+            3, D, score_pairs(MaskPattern("full"), L, L, backend) / L), rtol=1e-12)
+        return
     q, k, v = (jax.random.normal(kk, (1, 2 * L, H, Dh)) for kk in
                jax.random.split(jax.random.key(0), 3))
-    full_layer = _dot_flops(lambda q, k, v: attend_two_pass(q, k, v, block), q, k, v)
-    last_layer = _dot_flops(lambda q, k, v: attend_two_pass(q, k, v, block), q[:, :L], k, v)
-    depth = 3
-    measured = 3.0 * ((depth - 1) * full_layer + last_layer) / L    # fwd + bwd = 3 × fwd
-    method = registry.METHODS["nelbo"](exp.cfg, exp.token_vocab)
-    counted = method.flops_per_token(num_params=0, depth=depth, width=D, seq_len=L)
-    if block == L:  # one block: plain bidirectional attention over L keys
-        assert counted == attention_flops(depth, D, L)
-    else:
-        np.testing.assert_allclose(counted, measured, rtol=1e-6)
-        assert counted < 2 * attention_flops(depth, D, 2 * L)   # below the dense two-pass count
+    pattern = MaskPattern("two_pass", block)
+
+    def layer(q, k, v):
+        return attend(q, k, v, pattern, backend=backend)
+    full_layer = _dot_flops(layer, q, k, v)
+    last_layer = _dot_flops(layer, q[:, :L], k, v)
+    measured = 3.0 * (2 * full_layer + last_layer) / L    # depth 3; fwd + bwd = 3 × fwd
+    np.testing.assert_allclose(counted, measured, rtol=1e-6)
+    if backend == "dense":  # the block-sparse count, by hand, below the dense two-pass count
+        assert counted == attention_flops(1, D, 2 * (2 * L + block) + L + block)
+        assert counted < 2 * attention_flops(3, D, 2 * L)
+
+
+@pytest.mark.parametrize("L", [64, 640, 1024])
+@pytest.mark.parametrize("kind", ["full", "causal", "block_causal", "two_pass"])
+@pytest.mark.parametrize("backend", ["dense", "xla"])
+def test_score_pairs_match_the_attention_graph(kind, backend, L):
+    """score_pairs · 4·Dh·H·B = the forward dots of `attend` with that backend and pattern
+    (all queries, and the two-pass last layer's noisy queries only)."""
+    B, H, Dh = 1, 2, 8
+    pattern = MaskPattern(kind, 8 if kind in ("block_causal", "two_pass") else 0)
+    n = 2 * L if kind == "two_pass" else L
+    q, k, v = (jax.random.normal(kk, (B, n, H, Dh)) for kk in
+               jax.random.split(jax.random.key(0), 3))
+    for lq in ((n, L) if kind == "two_pass" else (n,)):
+        graph = _dot_flops(lambda q, k, v: attend(q, k, v, pattern, backend=backend),
+                           q[:, :lq], k, v)
+        assert score_pairs(pattern, lq, n, backend) * 4 * Dh * H * B == graph
+    if backend == "xla" and L == 1024 and kind in ("causal", "block_causal"):
+        assert score_pairs(pattern, n, n, "xla") < n * n      # tiles above the diagonal skipped
+
+
+@pytest.mark.parametrize("family,kind", [("ar", "causal"), ("mdlm", "full")])
+@pytest.mark.parametrize("backend", ["dense", "xla"])
+def test_method_flops_count_their_pattern(family, kind, backend):
+    """AR counts causal attention, MDLM bidirectional, each as the backend computes it."""
+    exp, _ = _experiment(family)
+    L, depth, D = exp.cfg.data.seq_len, 3, 16
+    counted = exp.method.flops_per_token(num_params=0, depth=depth, width=D, seq_len=L,
+                                         attention=backend)
+    np.testing.assert_allclose(counted, attention_flops(
+        depth, D, score_pairs(MaskPattern(kind), L, L, backend) / L), rtol=1e-12)
+
+
+def test_experiment_flops_leave_out_the_gathered_embedding():
+    exp, _ = _experiment("mdlm")
+    table = math.prod(exp.abstract_params["embed"]["embedding"].shape)
+    dims = registry.model_dims(exp.cfg.model)
+    with_table = exp.method.flops_per_token(
+        num_params=exp.num_params, depth=dims["depth"], width=dims["width"],
+        seq_len=exp.cfg.data.seq_len, attention=exp.cfg.model.attention)
+    assert with_table - exp.flops_per_token() == 6.0 * table

@@ -97,8 +97,10 @@ def restore_run(workdir: str, overrides=None):
 
 def initial_params(workdir: str, exp):
     """The (EMA) parameters of the newest checkpoint of run `workdir` (`train.init_from`), placed
-    on `exp`'s parameter shardings. An AR run (causal DiT) starting a diffusion model is adapted
-    (`models.adapt.ar_to_diffusion`: the AR function, adaLN at identity, extra mask state).
+    on `exp`'s parameter shardings and in its layer layout (`model.scan_layers`: the blocks
+    stacked or not, whatever the source run used). An AR run (causal DiT) starting a
+    diffusion model is adapted (`models.adapt.ar_to_diffusion`: the AR function, adaLN at
+    identity, extra mask state).
     ConfigError lists every parameter that does not fit `exp`'s model (missing, extra or
     another shape)."""
     from dlm_jax.config import ConfigError
@@ -107,9 +109,12 @@ def initial_params(workdir: str, exp):
     except FileNotFoundError as e:
         raise ConfigError(f"config.train.init_from={workdir!r}: {e}") from None
     from dlm_jax.models.convert import shape_problems
+    from dlm_jax.models.layout import find_layout, to_layout
     params = jax.device_get(state.eval_params)
     if src.method.causal and not exp.method.causal:
         params = _adapted(workdir, src, params, exp)
+    # The source run's layer layout (model.scan_layers) need not be this run's.
+    params = to_layout(params, bool(find_layout(exp.abstract_params)))
     problems = shape_problems(params, exp.abstract_params)
     if problems:
         raise ConfigError(f"config.train.init_from={workdir!r} (step {step}): its parameters do "

@@ -7,7 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.methods.base import Denoiser, Method, attention_flops, dropout_key
+from dlm_jax.methods.base import Denoiser, Method, dropout_key, pattern_attention_flops
+from dlm_jax.models.attention import CAUSAL
 from dlm_jax.objectives.ar import ar_nll, noisy_history
 from dlm_jax.samplers.block import BlockDecoder
 
@@ -98,6 +99,6 @@ class Autoregressive(Method):
         return BlockDecoder(lambda b: (jnp.zeros((b, length), jnp.int32), jnp.int32(0)), None,
                             commit_full, max_tokens=length)
 
-    def flops_per_token(self, *, num_params, depth, width, seq_len):
-        # The causal mask is applied to dense scores: every query scores all L keys.
-        return 6.0 * num_params + attention_flops(depth, width, seq_len)
+    def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla"):
+        # Dense scores every key under the causal mask; flash skips the tiles above the diagonal.
+        return 6.0 * num_params + pattern_attention_flops(depth, width, CAUSAL, seq_len, attention)

@@ -30,8 +30,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dlm_jax.models.attention import CAUSAL, MaskPattern
+from dlm_jax.models.attention import CAUSAL, FULL, MaskPattern
 from dlm_jax.objectives.ar import ar_nll
 from dlm_jax.processes import corruption
 from dlm_jax.processes.schedules import Schedule
@@ -129,6 +130,39 @@ def attention_flops(depth: int, width: int, keys_per_token: float) -> float:
     return 12.0 * depth * width * keys_per_token
 
 
+def score_pairs(pattern: MaskPattern, lq: int, lk: int, backend: str) -> float:
+    """(query, key) scores per head and sequence that `backend` computes for `pattern`, queries
+    the first lq of lk positions.
+
+    xla: P·tq·tk of the flash schedule (whole tiles, padding included); dense: every key, but
+    the block-sparse two-pass (`layers.attend_two_pass`: noisy queries score their own block
+    and the clean half, clean queries the clean half); splash / cudnn skip tiles of their own
+    choosing, so count only the allowed entries (a lower bound: MFU is never overstated).
+    """
+    if backend == "xla":
+        from dlm_jax.models.flash import default_blocks, flash_schedule
+        tq, tk = default_blocks(lq, lk)
+        return float(len(flash_schedule(pattern, lq, lk)) * tq * tk)
+    if backend == "dense":
+        if pattern.kind != "two_pass":
+            return float(lq * lk)
+        L = pattern.stream_length(lk)
+        return float(L * (pattern.block_size + L) + (lq - L) * L)
+    q, k = np.arange(lq)[:, None], np.arange(lk)[None, :]
+    return float(np.asarray(pattern.allowed(q, k, lk, use_band=False, xp=np)).sum())
+
+
+def pattern_attention_flops(depth: int, width: int, pattern: MaskPattern, seq_len: int,
+                            backend: str, *, last_queries: int | None = None) -> float:
+    """Attention FLOPs (forward + backward) per training token of a sequence of `seq_len`
+    tokens run by `depth` layers under `pattern` (keys: 2·seq_len for two-pass); the last layer
+    computes only `last_queries` queries (None: all)."""
+    lk = 2 * seq_len if pattern.kind == "two_pass" else seq_len
+    per_layer = score_pairs(pattern, lk, lk, backend)
+    last = per_layer if last_queries is None else score_pairs(pattern, last_queries, lk, backend)
+    return attention_flops(1, width, ((depth - 1) * per_layer + last) / seq_len)
+
+
 class Method:
     """Interface and defaults; the families in this package subclass it (see module docstring)."""
 
@@ -164,9 +198,11 @@ class Method:
         raise ConfigError(f"sampling is not available yet for the {self.name} family "
                           f"(objective {exp.cfg.diffusion.objective!r})")
 
-    def flops_per_token(self, *, num_params: int, depth: int, width: int, seq_len: int) -> float:
-        """6·N for the matmuls (forward + backward) plus attention over all L keys."""
-        return 6.0 * num_params + attention_flops(depth, width, seq_len)
+    def flops_per_token(self, *, num_params: int, depth: int, width: int, seq_len: int,
+                        attention: str = "xla") -> float:
+        """6·N for the matmuls (forward + backward; N without gather-only tables) plus the
+        bidirectional attention that backend `attention` computes."""
+        return 6.0 * num_params + pattern_attention_flops(depth, width, FULL, seq_len, attention)
 
 
 def dropout_key(key: Array, train: bool) -> Array | None:
@@ -405,13 +441,12 @@ class ContinuousTime(Method):
         """What a block decoder returns for raw outputs (B, Lb, S) of a block (B, Lb)."""
         raise NotImplementedError
 
-    def flops_per_token(self, *, num_params, depth, width, seq_len):
+    def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla"):
         if not self.blocks:
             return super().flops_per_token(num_params=num_params, depth=depth, width=width,
-                                           seq_len=seq_len)
-        # Two-pass input of 2L rows (matmuls twice). Block-sparse attention: a noisy query scores
-        # its own block (Lb) and the clean half (L, masked), a clean query the clean half (L); the
-        # last layer computes noisy queries only. Per training token (L of them):
-        L, lb = seq_len, self.block_size
-        keys = (depth - 1) * (2 * L + lb) + (L + lb)
-        return 12.0 * num_params + attention_flops(1, width, keys)
+                                           seq_len=seq_len, attention=attention)
+        # Two-pass input of 2L rows (matmuls twice) under the two-pass mask; the last layer
+        # computes the L noisy queries only.
+        pattern = MaskPattern("two_pass", self.block_size)
+        return 12.0 * num_params + pattern_attention_flops(depth, width, pattern, seq_len,
+                                                           attention, last_queries=seq_len)

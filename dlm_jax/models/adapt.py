@@ -21,12 +21,15 @@ causal mask left out, so every parameter is copied and only the tied embedding `
 extra states' rows (zero, as above).
 
 Parameters are pure dicts (`nnx.to_pure_dict`); shapes: V AR vocabulary, S ≥ V diffusion states,
-D width, C cond_dim.
+D width, C cond_dim. Either layer layout (unrolled blocks[i], or stacked by `model.scan_layers`)
+on either side: the mapping works on unrolled blocks and returns the diffusion model's layout.
 """
 from __future__ import annotations
 
 import jax
 import numpy as np
+
+from dlm_jax.models.layout import find_layout, to_layout, unstack_layers
 
 # adaLN chunks of a block: (shift, scale, gate) for attention, then for the MLP.
 _BLOCK_GATES = (2, 5)
@@ -55,13 +58,19 @@ def ar_to_diffusion(ar_params: dict, init_params: dict) -> dict:
     init_params: a freshly initialised diffusion DiT of the same width, depth, heads and MLP,
       with S ≥ V states (embedding (S, D)); its σ embedder is kept.
     A GPT-2 pair (`wte` in the params) maps one to one, `wte` padded (module docstring).
+    Either may have stacked blocks (`scan_layers`); the result has `init_params`' layout.
     Returns a new pure dict shaped like `init_params` (numpy arrays). ValueError lists every
     parameter that does not fit.
     """
-    ar = jax.tree.map(np.asarray, ar_params)
-    init = jax.tree.map(np.asarray, init_params)
-    if "wte" in ar:
-        return _gpt2(ar, init)
+    stacked = bool(find_layout(init_params))
+    ar = unstack_layers(jax.tree.map(np.asarray, ar_params))
+    init = unstack_layers(jax.tree.map(np.asarray, init_params))
+    out = _gpt2(ar, init) if "wte" in ar else _dit(ar, init)
+    return to_layout(out, stacked)
+
+
+def _dit(ar: dict, init: dict) -> dict:
+    """The causal DiT → diffusion DiT mapping on unrolled params (`ar_to_diffusion`)."""
     problems = _problems(ar, init)
     for need in ("embed", "blocks", "final"):
         if need not in ar:

@@ -22,6 +22,7 @@ sequence (Lq ≤ Lk): the two-pass model's last layer computes only the noisy ro
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -104,13 +105,7 @@ class MaskPattern:
     def tiles(self, lq: int, lk: int, tq: int, tk: int) -> np.ndarray:
         """Static (⌈Lq/tq⌉, ⌈Lk/tk⌉) bool: which (query tile, key tile) pairs hold at least one
         allowed entry, with the band ignored (it only removes entries, so this is a superset)."""
-        q = np.arange(lq)[:, None]
-        k = np.arange(lk)[None, :]
-        ok = np.asarray(self.allowed(q, k, lk, use_band=False, xp=np))
-        nq, nk = -(-lq // tq), -(-lk // tk)
-        padded = np.zeros((nq * tq, nk * tk), bool)
-        padded[:lq, :lk] = ok
-        return padded.reshape(nq, tq, nk, tk).any(axis=(1, 3))
+        return _tile_table(self.kind, self.block_size, lq, lk, tq, tk).copy()
 
     def with_causal(self) -> "MaskPattern":
         """This pattern ANDed with the causal mask (the AR model's attention). Causal is at
@@ -118,6 +113,20 @@ class MaskPattern:
         if self.kind == "two_pass":
             raise ValueError("a causal model cannot take the two-pass mask")
         return MaskPattern("causal")
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_table(kind: str, block_size: int, lq: int, lk: int, tq: int, tk: int) -> np.ndarray:
+    """`MaskPattern.tiles`, cached: every layer's forward and backward asks for the same table."""
+    pattern = MaskPattern(kind, block_size)
+    nq, nk = -(-lq // tq), -(-lk // tk)
+    k = np.arange(nk * tk)[None, :]
+    table = np.zeros((nq, nk), bool)
+    for i in range(nq):  # one strip of query rows at a time: memory tq·Lk, not Lq·Lk
+        q = np.arange(i * tq, min((i + 1) * tq, lq))[:, None]
+        ok = np.asarray(pattern.allowed(q, k, lk, use_band=False, xp=np)) & (k < lk)
+        table[i] = ok.reshape(len(q), nk, tk).any(axis=(0, 2))
+    return table
 
 
 FULL = MaskPattern("full")
@@ -141,6 +150,8 @@ def dense_attention(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | N
     pattern computes only its non-zero blocks, `layers.attend_two_pass`). mask: a pattern, a bool
     array (B|1, Lq, Lk) or None (full). Returns (B, Lq, H, Dh) in q's dtype."""
     from dlm_jax.models.layers import attend_dense, attend_two_pass
+    if q.dtype == jnp.float64:  # jax.nn.dot_product_attention's softmax is float32 only
+        return _dense_attention_exact(q, k, v, mask)
     if isinstance(mask, MaskPattern):
         if mask.kind == "two_pass":
             return attend_two_pass(q, k, v, mask.block_size, band=mask.band)
@@ -148,6 +159,18 @@ def dense_attention(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | N
             return attend_dense(q, k, v, None)
         return attend_dense(q, k, v, mask.dense(q.shape[1], k.shape[1])[None])
     return attend_dense(q, k, v, mask)
+
+
+def _dense_attention_exact(q: Array, k: Array, v: Array,
+                           mask: "MaskPattern | Array | None") -> Array:
+    """`dense_attention` with the softmax in q's precision (float64 stays float64)."""
+    from dlm_jax.models.layers import _joint_softmax, _scores, _weighted_values, attend_two_pass
+    if isinstance(mask, MaskPattern):
+        if mask.kind == "two_pass":
+            return attend_two_pass(q, k, v, mask.block_size, band=mask.band)
+        mask = mask.dense(q.shape[1], k.shape[1])[None]
+    p, = _joint_softmax(_scores(q, k, mask))
+    return _weighted_values(p, v).astype(q.dtype)
 
 
 def attend(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | None", *,

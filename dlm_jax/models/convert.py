@@ -26,6 +26,10 @@ Layout changes (torch `nn.Linear` weights are (out, in)):
 The AR variant (bd3lms `DDiTBlockCausal`) uses the same keys minus `sigma_map.*` and
 `*adaLN_modulation*`. Sizes are read from the tensors: V, D, depth, C, the MLP ratio and the σ
 feature count F from their shapes, the head count from `rotary_emb.inv_freq` (Dh/2 entries).
+
+Reading gives the unrolled layer layout (blocks[i]); a `scan_layers` model stacks it
+(`models.layout.stack_layers`, done by `load_dit_state_dict` / `dit_from_state_dict`); writing
+(`dit_state_dict`) accepts either.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from dlm_jax.models.layers import rotary_inv_freq
+from dlm_jax.models.layout import stack_layers, unstack_layers
 from dlm_jax.models.transformer import DiT
 
 PREFIXES = ("backbone.", "_orig_mod.")
@@ -431,9 +436,10 @@ def dit_params(state_dict, settings: Mapping[str, Any] | None = None, *,
 
 
 def dit_state_dict(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
-    """Our DiT parameters (pure dict) under the reference names (each key with `prefix`, e.g.
-    "backbone." for a bd3lms Lightning state dict), plus `rotary_emb.inv_freq`."""
-    params = jax.tree.map(np.asarray, params)
+    """Our DiT parameters (pure dict, either layer layout: unrolled or stacked by
+    `scan_layers`) under the reference names (each key with `prefix`, e.g. "backbone." for a
+    bd3lms Lightning state dict), plus `rotary_emb.inv_freq`."""
+    params = unstack_layers(jax.tree.map(np.asarray, dict(params)))
     width = params["embed"]["embedding"].shape[1]
     heads = params["blocks"][0]["attn"]["qkv"].shape[2]
     table = dit_key_table(width, heads, len(params["blocks"]), adaln="sigma_map" in params)
@@ -450,12 +456,15 @@ def dit_state_dict(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, 
 def load_dit_state_dict(model: DiT, state_dict, *, ignore: Iterable[str] = DEFAULT_IGNORE
                         ) -> DiT:
     """Writes a reference state dict into `model`'s parameters in place and returns `model`;
-    the sizes expected are the model's (errors as `dit_params`)."""
+    the sizes expected are the model's (errors as `dit_params`); stacked for a `scan_layers`
+    model."""
     settings = dict(vocab_size=model.vocab_size, width=model.width, depth=model.depth,
                     heads=model.heads, mlp_ratio=model.mlp_ratio, causal=model.causal)
     if not model.causal:
         settings.update(cond_dim=model.cond_dim, sigma_features=model.sigma_map.features)
     _, params = dit_params(state_dict, settings, ignore=ignore)
+    if model.scan_layers:
+        params = stack_layers(params)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     nnx.update(model, state)
@@ -466,7 +475,8 @@ def dit_from_state_dict(state_dict, *, heads: int | None = None,
                         ignore: Iterable[str] = DEFAULT_IGNORE, **kwargs) -> DiT:
     """A DiT whose sizes are read from `state_dict`, with its parameters.
 
-    kwargs go to `DiT` (e.g. time_conditioning=True for SEDD, sigma_max_period, dropout, dtype).
+    kwargs go to `DiT` (e.g. time_conditioning=True for SEDD, sigma_max_period, dropout, dtype,
+    scan_layers=True for stacked blocks).
     The reference code averages a per-token σ over the sequence, so `token_conditioning`
     defaults to False here.
     """
@@ -475,6 +485,8 @@ def dit_from_state_dict(state_dict, *, heads: int | None = None,
     kw = {k: v for k, v in settings.items() if k not in ("vocab_size", "width", "depth", "heads")}
     kw.setdefault("token_conditioning", False)
     kw.update(kwargs)
+    if kw.get("scan_layers"):
+        params = stack_layers(params)
     model = nnx.eval_shape(lambda: DiT(settings["vocab_size"], settings["width"],
                                        settings["depth"], settings["heads"], rngs=nnx.Rngs(0),
                                        **kw))

@@ -26,7 +26,10 @@ Parameters (`nnx.to_pure_dict(nnx.split(model)[1])`) and their logical axes (`la
   blocks[i].attn.qkv (D, 3, H, Dh) embed·qkv·heads·kv, qkv_bias (3, H, Dh);
   blocks[i].attn.out (H, Dh, D) heads·kv·embed, out_bias (D,);
   blocks[i].mlp.fc.kernel (D, F) embed·mlp, bias (F,); blocks[i].mlp.proj.kernel (F, D), bias (D,).
-`gpt2_from_state_dict` / `gpt2_to_state_dict` map them to and from HF GPT-2 PyTorch names.
+With `scan_layers` the blocks are one stacked GPT2Block: blocks.ln_1.weight (N, D) layers·embed
+and so on (`models.layout`), applied as one `jax.lax.scan` over layers.
+`gpt2_from_state_dict` / `gpt2_to_state_dict` map them to and from HF GPT-2 PyTorch names
+(import gives the unrolled layout, `layout.stack_layers` stacks it; export takes either).
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ from dlm_jax.models.attention import MaskPattern, attend, check_backend, model_m
 from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (LayerNorm, attend_with_prefix, dropout, dropout_key,
                                    make_param, matmul_rows, zeros)
-from dlm_jax.models.transformer import REMAT_POLICIES, _split_keys
+from dlm_jax.models.layout import stack_layers, stack_modules, unstack_layers
+from dlm_jax.models.transformer import REMAT_POLICIES, _split_keys, layer_keys, scan_blocks
 
 Array = jax.Array
 
@@ -200,6 +204,8 @@ class GPT2(nnx.Module):
       dropout: embedding / attention / residual dropout rate (deterministic=False only).
       remat: "none" | "block" | "dots", per block, as `DiT`'s (values unchanged).
       attention: the attention backend, as `DiT`'s (attention dropout takes the dense path).
+      scan_layers: the blocks as one stacked GPT2Block applied by `jax.lax.scan`, as `DiT`'s
+        (same initial values, outputs and gradients; `models.layout` converts parameters).
       dtype: compute dtype of matmuls; params are `param_dtype`.
       rngs: parameter initialisation RNG (the ``params`` stream).
     """
@@ -207,8 +213,8 @@ class GPT2(nnx.Module):
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
                  n_positions: int, mlp_hidden: int | None = None, layer_norm_eps: float = 1e-5,
                  dropout: float = 0.0, remat: str = "none", causal: bool = True,
-                 attention: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 attention: str = "xla", scan_layers: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads:
             raise ValueError(f"GPT-2 width {width} must split into {heads} heads")
         if n_positions < 1:
@@ -226,11 +232,12 @@ class GPT2(nnx.Module):
                               param_dtype)
         self.wpe = make_param(rngs, _normal(INIT_STD), (n_positions, width), (None, "embed"),
                               param_dtype)
-        self.blocks = nnx.List([GPT2Block(width, heads, self.mlp_hidden, depth=depth,
-                                          eps=layer_norm_eps, dropout=dropout,
-                                          attention=attention, dtype=dtype,
-                                          param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(depth)])
+        blocks = [GPT2Block(width, heads, self.mlp_hidden, depth=depth, eps=layer_norm_eps,
+                            dropout=dropout, attention=attention, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs) for _ in range(depth)]
+        self.scan_layers = bool(scan_layers)
+        # Stacked from N blocks built in order, so both layouts start from the same values.
+        self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
         self.ln_f = LayerNorm(width, eps=layer_norm_eps, use_bias=True, param_dtype=param_dtype,
                               rngs=rngs)
 
@@ -289,10 +296,19 @@ class GPT2(nnx.Module):
         positions = jnp.asarray(positions)
         positions = positions[None] if positions.ndim == 1 else positions
         key = dropout_key(rngs, self.dropout, deterministic)
-        k_embd, *keys = _split_keys(key, self.depth + 1)
+        if self.scan_layers:
+            keys = layer_keys(key, self.depth + 1)  # the unrolled stack's keys, as one array
+            k_embd, keys = (None, None) if keys is None else (keys[0], keys[1:])
+        else:
+            k_embd, *keys = _split_keys(key, self.depth + 1)
         h = dropout(self._embed(tokens, positions), self.dropout, k_embd, deterministic)
-        for block, k in zip(self.blocks, keys):
-            h = self._apply_block(block, h, mask, deterministic=deterministic, key=k)
+        if self.scan_layers:
+            def step(block, h, k):
+                return block(h, mask, deterministic=deterministic, key=k), None
+            h, _ = scan_blocks(self.blocks, h, keys, step, remat=self.remat)
+        else:
+            for block, k in zip(self.blocks, keys):
+                h = self._apply_block(block, h, mask, deterministic=deterministic, key=k)
         return self.ln_f(h)
 
     def __call__(self, tokens: Array, sigma: Array | None = None, *, mask: Array | None = None,
@@ -336,9 +352,11 @@ class GPT2(nnx.Module):
                              f"{self.n_positions}: learned positions cannot slide past the table")
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        """Empty KVCache: N per-layer buffers (B, H, max_len, Dh), length 0; max_len ≤ P."""
+        """Empty KVCache: N per-layer buffers (B, H, max_len, Dh), length 0; max_len ≤ P (with
+        `scan_layers`, one stacked (N, B, H, max_len, Dh) buffer each for k and v)."""
         self._check_window(max_len)
-        return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype)
+        return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype,
+                             stacked=self.scan_layers)
 
     def decode_block(self, tokens: Array, sigma: Array | None, cache: KVCache, *,
                      commit: bool, causal: bool | None = None) -> tuple[Array, KVCache]:
@@ -362,11 +380,17 @@ class GPT2(nnx.Module):
         causal = self.causal if causal is None else causal
         block_mask = causal_mask(Lb)[None] if causal else None
         h = self._embed(tokens, positions)
-        ks, vs = [], []
-        for i, block in enumerate(self.blocks):
-            h, k, v = block.decode(h, cache.k[i], cache.v[i], cache_mask, block_mask)
-            ks.append(k)
-            vs.append(v)
+        if self.scan_layers:
+            def step(block, h, kv):
+                h, k, v = block.decode(h, *kv, cache_mask, block_mask)
+                return h, (k, v)
+            h, (ks, vs) = scan_blocks(self.blocks, h, cache.stacked_kv(), step)
+        else:
+            ks, vs = [], []
+            for i, block in enumerate(self.blocks):
+                h, k, v = block.decode(h, cache.k[i], cache.v[i], cache_mask, block_mask)
+                ks.append(k)
+                vs.append(v)
         logits = self.logits(self.ln_f(h))
         return (logits, cache.append(ks, vs)) if commit else (logits, cache)
 
@@ -376,10 +400,12 @@ class GPT2(nnx.Module):
     def from_state_dict(cls, state_dict: Mapping[str, Any], *, heads: int,
                         layer_norm_eps: float = 1e-5, **kwargs) -> "GPT2":
         """A GPT2 holding an HF GPT-2 state dict (`gpt2_from_state_dict`); kwargs (dropout,
-        dtype, remat, …) go to the constructor. Parameters are built abstractly, never
-        randomly initialised."""
+        dtype, remat, scan_layers, …) go to the constructor. Parameters are built abstractly,
+        never randomly initialised."""
         settings, params = gpt2_from_state_dict(state_dict, heads=heads,
                                                 layer_norm_eps=layer_norm_eps)
+        if kwargs.get("scan_layers"):
+            params = stack_layers(params)
         model = nnx.eval_shape(lambda: cls(**settings, **kwargs, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
@@ -517,10 +543,12 @@ def gpt2_from_state_dict(state_dict: Mapping[str, Any], *, heads: int,
 def gpt2_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Our params (a pure dict, numpy or jax arrays) → HF GPT-2 names with the `transformer.`
     prefix and the tied `lm_head.weight` (a copy of wte): the inverse of `gpt2_from_state_dict`.
+    Either layout of the blocks (unrolled, or stacked by `scan_layers`).
     """
     def np_(x):
         return np.asarray(x)
 
+    params = unstack_layers(jax.tree.map(np_, dict(params)))
     wte = np_(params["wte"])
     D = wte.shape[1]
     sd = {"transformer.wte.weight": wte, "transformer.wpe.weight": np_(params["wpe"])}

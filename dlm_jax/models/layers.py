@@ -28,6 +28,8 @@ rules table (``sharding.py``) can map them to mesh axes:
   ``freq``         σ sinusoid features F (never sharded)
   ``cond_hidden``  hidden width C of the σ embedder's MLP
   ``cond``         conditioning width C fed to the adaLN layers
+  ``layers``       the depth axis N of stacked blocks (``model.scan_layers``; never sharded by
+                   default), added by `layout.stack_modules`
 
 Parameters are always created with ``eager_sharding=False``: they are plain arrays that carry the
 names, so models build anywhere (tests, CPU, under any mesh context, with or without logical rules)
@@ -49,7 +51,7 @@ Array = jax.Array
 DType = jnp.dtype | type
 
 LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv", "qkv", "modulation", "freq",
-                "cond_hidden", "cond")
+                "cond_hidden", "cond", "layers")
 
 LN_EPS = 1e-5
 ROPE_BASE = 1e4

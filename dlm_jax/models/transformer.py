@@ -24,6 +24,16 @@ ignored. With ``history_noise`` (PnF's noisy-history AR model over an ordinal vo
 the noise level of the (real-valued) history instead, an additive input of the embedding; the KV
 cache path (``decode_block``) is its σ = 0 model.
 
+Layer layouts: by default ``blocks`` is an ``nnx.List`` of N `DiTBlock`s (params
+``blocks[i][...]``) applied by a Python loop, so the compiled program holds N copies of the block
+and its compile time grows with N. With ``scan_layers=True`` ``blocks`` is ONE `DiTBlock` whose
+parameters carry a leading depth axis (logical axis "layers": params ``blocks[...]`` (N, *S)),
+applied as one `jax.lax.scan` (`scan_blocks`; remat per layer inside the scanned body; per-layer
+dropout keys as the loop's; the KV-cache decode scans over a stacked cache too): one compiled
+body, whatever N. The two-pass forward's last layer computes only the x_t query rows, so there it
+is peeled off the scan. Both layouts start from the same values for the same seed and compute
+the same function; `models.layout` converts parameters (checkpoints convert on restore).
+
 Time conditioning off (``time_conditioning=False``, the released MDLM/BD3-LM setting): σ is replaced
 by 0 and the adaLN path stays fully active (c is then a constant vector), as in the reference.
 
@@ -43,6 +53,7 @@ from dlm_jax.config import REMAT_POLICIES as REMAT_NAMES, ConfigError, ModelConf
 from dlm_jax.masks import causal_mask
 from dlm_jax.models.attention import MaskPattern, attend, check_backend, model_mask
 from dlm_jax.models.cache import KVCache
+from dlm_jax.models.layout import stack_modules
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
                                    make_param, zeros,
                                    Dense, apply_rotary, attend_with_prefix,
@@ -88,6 +99,40 @@ MODEL_SIZES: dict[str, ModelSize] = {
 
 def _split_keys(key: Array | None, n: int) -> list[Array | None]:
     return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def layer_keys(key: Array | None, n: int) -> Array | None:
+    """The n per-layer dropout keys as one (n,) key array (the scanned stack's xs), equal to
+    `_split_keys` (the unrolled stack's list); None when dropout is off."""
+    return None if key is None else jax.random.split(key, n)
+
+
+def layer_of(blocks: nnx.Module, i: int) -> nnx.Module:
+    """Layer i of a stacked block module (`layout.stack_modules`): its parameters (N, *S)[i]."""
+    graphdef, params = nnx.split(blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
+
+
+def scan_blocks(blocks: nnx.Module, carry, xs, step, *, remat: str = "none",
+                layers: slice | None = None):
+    """A stacked block module (parameters (N, *S), `layout.stack_modules`) applied as ONE
+    `jax.lax.scan` over its layers: ``carry, y_i = step(block_i, carry, x_i)``.
+
+    xs: a pytree of per-layer inputs with leading axis N (or n, the length of `layers`), or
+    None; `layers` a slice of the layers to run (default all). remat: a `REMAT_POLICIES` name;
+    other than "none", each layer's step is under `jax.checkpoint` with that policy, as
+    `DiT._apply_block` does per block of the unrolled stack (one compiled body, not N copies).
+    Returns (carry, ys stacked along a leading axis).
+    """
+    graphdef, params = nnx.split(blocks)
+    if layers is not None:
+        params = jax.tree.map(lambda a: a[layers], params)
+
+    def layer(p, carry, x):
+        return step(nnx.merge(graphdef, p), carry, x)
+    if remat != "none":  # scan already keeps the body from being CSE'd across iterations
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(lambda c, px: layer(px[0], c, px[1]), carry, (params, xs))
 
 
 class DiTBlock(nnx.Module):
@@ -230,6 +275,11 @@ class DiT(nnx.Module):
         "dots" (keep the matmul outputs, recompute the element-wise ops). Values are unchanged.
       attention: the attention backend (`models.attention`): "xla" (flash-style, every
         platform), "dense", "splash" (TPU), "cudnn" (GPU).
+      scan_layers: the N blocks as ONE `DiTBlock` whose parameters carry a leading depth axis
+        ("layers"; params["blocks"][...] (N, *S) instead of params["blocks"][i][...]), applied
+        as one `jax.lax.scan` (remat per layer; the KV-cache decode scans too): compile time
+        independent of depth. Same initial values, outputs and gradients as the unrolled stack
+        (`models.layout` converts parameters between the two).
       history_noise: causal only — the noisy-history AR model of PnF (Jayaram & Thickstun, 2021)
         over an ordinal vocabulary: ``__call__``'s σ is the noise level of the history, added to
         every embedding as log(1 + σ)·u with one learned vector u (D,) (`noise_embed`,
@@ -244,8 +294,9 @@ class DiT(nnx.Module):
                  causal: bool = False, time_conditioning: bool = False,
                  token_conditioning: bool = True, sigma_features: int = SIGMA_FEATURES,
                  sigma_max_period: float = SIGMA_MAX_PERIOD, remat: str = "none",
-                 attention: str = "xla", history_noise: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 attention: str = "xla", history_noise: bool = False,
+                 scan_layers: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
         self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
@@ -265,10 +316,11 @@ class DiT(nnx.Module):
         self.sigma_map = (SigmaEmbedder(cond_dim, features=sigma_features,
                                         max_period=sigma_max_period, param_dtype=param_dtype,
                                         rngs=rngs) if self.adaln else None)
-        self.blocks = nnx.List([DiTBlock(width, heads, cond_dim, mlp_ratio=mlp_ratio,
-                                         dropout=dropout, adaln=self.adaln,
-                                         attention=attention, **kw)
-                                for _ in range(depth)])
+        blocks = [DiTBlock(width, heads, cond_dim, mlp_ratio=mlp_ratio, dropout=dropout,
+                           adaln=self.adaln, attention=attention, **kw) for _ in range(depth)]
+        self.scan_layers = bool(scan_layers)
+        # Stacked from N blocks built in order, so both layouts start from the same values.
+        self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
         self.final = FinalLayer(width, vocab_size, cond_dim, adaln=self.adaln, **kw)
         if history_noise and not causal:
             raise ValueError("history_noise is an option of the causal (AR) model")
@@ -343,17 +395,41 @@ class DiT(nnx.Module):
         """Shared trunk: embedding, blocks, final layer on the first out_rows rows (or all)."""
         h = self._embed_input(tokens, noise)
         cos, sin = rotary_cos_sin(positions, self.head_dim)
-        keys = _split_keys(key, self.depth)
-        last = self.depth - 1
-        for i, block in enumerate(self.blocks):
-            h = self._apply_block(block, h, c, cos, sin, mask,
-                                  q_rows=out_rows if i == last else None,
-                                  deterministic=deterministic, key=keys[i])
+        if self.scan_layers:
+            h = self._scan_forward(h, c, cos, sin, mask, out_rows=out_rows,
+                                   deterministic=deterministic, key=key)
+        else:
+            keys = _split_keys(key, self.depth)
+            last = self.depth - 1
+            for i, block in enumerate(self.blocks):
+                h = self._apply_block(block, h, c, cos, sin, mask,
+                                      q_rows=out_rows if i == last else None,
+                                      deterministic=deterministic, key=keys[i])
         if out_rows is not None:
             h = h[:, :out_rows]
             if c is not None and c.ndim == 3:
                 c = c[:, :out_rows]
         return self.final(h, c)
+
+    def _scan_forward(self, h: Array, c, cos, sin, mask, *, out_rows: int | None,
+                      deterministic: bool, key: Array | None) -> Array:
+        """The stacked blocks over h (B, L, D) as one scan. With out_rows (two-pass), the last
+        layer computes only out_rows query rows, so it is peeled off the scan and applied on
+        its own: returns (B, out_rows, D), else (B, L, D)."""
+        keys = layer_keys(key, self.depth)
+        scanned = self.depth - (out_rows is not None)
+
+        def step(block, h, k):
+            return block(h, c, cos, sin, mask, deterministic=deterministic, key=k), None
+        if scanned:
+            h, _ = scan_blocks(self.blocks, h,
+                               None if keys is None else keys[:scanned], step,
+                               remat=self.remat, layers=slice(0, scanned))
+        if out_rows is not None:
+            h = self._apply_block(layer_of(self.blocks, self.depth - 1), h, c, cos, sin, mask,
+                                  q_rows=out_rows, deterministic=deterministic,
+                                  key=None if keys is None else keys[-1])
+        return h
 
     def _apply_block(self, block: DiTBlock, h: Array, c, cos, sin, mask, *, q_rows,
                      deterministic: bool, key) -> Array:
@@ -419,8 +495,10 @@ class DiT(nnx.Module):
     # -- KV-cache decoding -------------------------------------------------------------------------
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        """Empty KVCache: N per-layer buffers (B, H, max_len, Dh) of `dtype`, length 0."""
-        return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype)
+        """Empty KVCache: N per-layer buffers (B, H, max_len, Dh) of `dtype`, length 0 (with
+        `scan_layers`, one stacked (N, B, H, max_len, Dh) buffer each for k and v)."""
+        return KVCache.zeros(self.depth, batch, max_len, self.heads, self.head_dim, dtype,
+                             stacked=self.scan_layers)
 
     def decode_block(self, tokens: Array, sigma: Array | None, cache: KVCache, *,
                      commit: bool, causal: bool | None = None) -> tuple[Array, KVCache]:
@@ -445,12 +523,18 @@ class DiT(nnx.Module):
         block_mask = causal_mask(Lb)[None] if causal else None
         c = self._conditioning(sigma, B, Lb)
         h = self.embed(tokens)
-        ks, vs = [], []
-        for i, block in enumerate(self.blocks):
-            h, k, v = block.decode(h, c, cache.k[i], cache.v[i], cache_mask, rope_block,
-                                   block_mask)
-            ks.append(k)
-            vs.append(v)
+        if self.scan_layers:
+            def step(block, h, kv):
+                h, k, v = block.decode(h, c, *kv, cache_mask, rope_block, block_mask)
+                return h, (k, v)
+            h, (ks, vs) = scan_blocks(self.blocks, h, cache.stacked_kv(), step)
+        else:
+            ks, vs = [], []
+            for i, block in enumerate(self.blocks):
+                h, k, v = block.decode(h, c, cache.k[i], cache.v[i], cache_mask, rope_block,
+                                       block_mask)
+                ks.append(k)
+                vs.append(v)
         logits = self.final(h, c)
         if not commit:
             return logits, cache
@@ -495,11 +579,12 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool,
         return GPT2(vocab_size, dims["width"], dims["depth"], dims["heads"],
                     n_positions=cfg.n_positions, mlp_hidden=cfg.mlp_ratio * dims["width"],
                     layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout, remat=cfg.remat,
-                    causal=causal, attention=cfg.attention, dtype=dtype, rngs=rngs)
+                    causal=causal, attention=cfg.attention, scan_layers=cfg.scan_layers,
+                    dtype=dtype, rngs=rngs)
     return DiT(vocab_size, dims["width"], dims["depth"], dims["heads"], cond_dim=dims["cond_dim"],
                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=causal,
                time_conditioning=cfg.time_conditioning,
                token_conditioning=cfg.token_conditioning, sigma_features=cfg.sigma_features,
                sigma_max_period=cfg.sigma_max_period, remat=cfg.remat,
-               attention=cfg.attention, history_noise=history_noise, dtype=dtype,
-               rngs=rngs)
+               attention=cfg.attention, history_noise=history_noise,
+               scan_layers=cfg.scan_layers, dtype=dtype, rngs=rngs)

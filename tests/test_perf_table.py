@@ -1,0 +1,168 @@
+"""The performance table, on synthetic results (no timing): README markers are created once and
+replaced idempotently with the rest of the file untouched; the table's rows, targets and
+reference rule; the attention FLOP counts per backend (`methods.base.score_pairs`)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import perf_table as pt  # noqa: E402
+
+from dlm_jax.methods.base import attention_flops, pattern_attention_flops, score_pairs  # noqa: E402
+from dlm_jax.models import flash  # noqa: E402
+from dlm_jax.models.attention import MaskPattern  # noqa: E402
+
+README = """# Project
+
+Intro.
+
+## Benchmarks
+
+Some text about the benchmarks.
+
+## Next section
+
+Untouched.
+"""
+
+
+def _train_row(family, attention, step, *, size="bench", L=256, B=8, mfu=0.5, target=None):
+    return {"family": family, "size": size, "seq_len": L, "batch": B, "attention": attention,
+            "num_params": 4_194_051, "step_s": {"median": step, "min": step * 0.9,
+                                                "max": step * 1.1, "n": 4},
+            "tokens_per_s": B * L / step, "gflop_per_step": 28.6, "mfu": mfu,
+            "achieved_gflops": 60.0, "mfu_target": target}
+
+
+def _result(backend="cpu", cpu_fm=("6", "207")):
+    settings = pt.platform_settings(backend)
+    settings["attention_backends"] = list(settings["attention_backends"])
+    return {
+        "quick": True, "wall_s": 180.0, "peak_gflops": 120.0,
+        "machine": {"cpu": "Intel Xeon", "cpu_family_model": list(cpu_fm), "cpu_count": 2,
+                    "jax": "0.10.2", "devices": ["TFRT_CPU_0"], "date": "2026-12-01"},
+        "settings": settings,
+        "comparable_to_reference": pt.reference_comparable(cpu_fm, backend),
+        "peaks": [{"jax_gflops": 110.0, "loadavg": [5.0, 4.0, 3.0]}, {"jax_gflops": 120.0},
+                  {"jax_gflops": 130.0, "loadavg": [7.0, 6.0, 5.0]}],
+        "train": [_train_row("mdlm", "xla", 0.4), _train_row("mdlm", "dense", 0.6),
+                  _train_row("bd3lm", "xla", 0.8, size="small", L=1024, B=1, mfu=0.42,
+                             target=0.40)],
+        "sampling": [
+            {"family": "bd3lm", "sampler": "ancestral", "length": 128, "batch": 8,
+             "cached": True, "steps": 16, "nfe": 128, "seconds": 0.5, "tokens_per_s": 2048.0},
+            {"family": "bd3lm", "sampler": "ancestral", "length": 128, "batch": 8,
+             "cached": False, "steps": 16, "nfe": 128, "seconds": 1.5, "tokens_per_s": 683.0},
+            {"family": "mdlm", "sampler": "ancestral", "length": 128, "batch": 8,
+             "cached": True, "steps": 128, "nfe": 128, "seconds": 1.0, "tokens_per_s": 1024.0}],
+        "attention": [
+            {"pattern": "causal", "seq_len": 256, "backend": "dense", "seconds": 0.02},
+            {"pattern": "causal", "seq_len": 256, "backend": "xla", "seconds": 0.01},
+            {"pattern": "full", "seq_len": 256, "backend": "dense", "seconds": 0.02},
+            {"pattern": "full", "seq_len": 256, "backend": "xla", "error": "boom"}],
+    }
+
+
+def test_markers_are_created_once_and_replacement_is_idempotent(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text(README)
+    pt.write_readme(str(path), "table one")
+    first = path.read_text()
+    assert first.count(pt.MARK_START) == 1 and first.count(pt.README_INTRO) == 1
+    # Inside the Benchmarks section, after its text and before the next section.
+    bench_at, next_at = first.index("## Benchmarks"), first.index("## Next section")
+    assert bench_at < first.index("Some text") < first.index(pt.MARK_START) < next_at
+    assert "table one" in first
+    pt.write_readme(str(path), "table two")
+    second = path.read_text()
+    assert "table one" not in second and "table two" in second
+    pt.write_readme(str(path), "table two")
+    assert path.read_text() == second
+    # Everything outside the markers is what it was.
+    before = second[:second.index(pt.README_INTRO)]
+    after = second[second.index(pt.MARK_END) + len(pt.MARK_END):]
+    assert before + after.lstrip("\n") == README
+
+
+def test_replace_needs_markers_and_ensure_needs_the_section():
+    with pytest.raises(ValueError, match="markers"):
+        pt.replace_between_markers("no markers here", "x")
+    with pytest.raises(ValueError, match="Benchmarks"):
+        pt.ensure_markers("# only a title\n")
+    # A section at the end of the file gets its markers at the end.
+    text = pt.ensure_markers("# T\n\n## Benchmarks\n\nText.\n")
+    assert text.rstrip().endswith(pt.MARK_END)
+
+
+def test_render_cpu_states_the_machine_and_no_reference():
+    md = pt.render(_result())
+    assert "Intel Xeon (cpu family 6 model 207" in md
+    assert "no reference figures for this CPU (family 6 model 207)" in md
+    assert "reference tok/s" not in md and "MFU target" not in md
+    assert "110.0 GFLOP/s at the start, 130.0 at the end" in md
+    assert "load average 5.0 at the start, 7.0 at the end" in md
+    # Train-step speed-up of xla over dense: 0.6 / 0.4.
+    assert "| mdlm | bench | 256 | 8 | xla | 0.600 | 0.400 | 1.50× |" in md
+    assert "bd3lm ancestral L 128: 3.00×" in md           # KV cache: 1.5 / 0.5
+    assert "| bd3lm | ancestral | 128 | 8 | no |" in md
+    assert "| mdlm | ancestral | 128 | 8 | – |" in md      # no cache twin: no cache column
+    assert "| causal | 256 | 20.0 | 10.0 (2.00×) |" in md
+    assert "| full | 256 | 20.0 | n/a |" in md and "xla (boom)" in md
+
+
+def test_render_accelerator_prints_the_mfu_targets():
+    md = pt.render(_result("gpu"))
+    assert "MFU target" in md and "≥ 40% (met)" in md
+    assert "cudnn ms (speed-up)" in md
+    assert pt.mfu_target("mdlm", "small", 1024, True) == 0.45
+    assert pt.mfu_target("mdlm", "small", 1024, False) is None
+    assert pt.mfu_target("mdlm", "bench", 256, True) is None
+    assert pt.mfu_target("sedd", "small", 1024, True) is None
+
+
+def test_reference_only_on_its_cpu_model():
+    ref = tuple(pt.bench.REFERENCE["cpu_family_model"])
+    assert pt.reference_comparable(ref, "cpu")
+    assert not pt.reference_comparable(list(ref), "gpu")
+    assert not pt.reference_comparable(("6", "207"), "cpu")
+    assert not pt.reference_comparable(None, "cpu")
+
+
+def test_quick_plan_is_L256_only():
+    groups = pt.train_groups(True, 1)
+    assert {g["seq_len"] for g in groups} == {256}
+    full = pt.train_groups(False, 2)
+    assert {(g["size"], g["seq_len"]) for g in full} == {("bench", 256), ("bench", 1024),
+                                                          ("small", 1024)}
+    assert any("dense" in g["backends"] and g["seq_len"] == 1024 for g in full)
+
+
+def test_score_pairs_per_backend(monkeypatch):
+    """Dense: every key (block-sparse for two-pass); xla: whole tiles of the flash schedule;
+    cudnn/splash: the allowed entries."""
+    L, lb = 64, 16
+    causal, two = MaskPattern("causal"), MaskPattern("two_pass", lb)
+    assert score_pairs(causal, L, L, "dense") == L * L
+    assert score_pairs(two, 2 * L, 2 * L, "dense") == L * (lb + L) + L * L
+    assert score_pairs(two, L, 2 * L, "dense") == L * (lb + L)
+    assert score_pairs(causal, L, L, "cudnn") == L * (L + 1) // 2
+    # Flash with 16 × 16 tiles: the causal schedule is the 10 tiles on and below the diagonal.
+    monkeypatch.setattr(flash, "default_blocks", lambda lq, lk: (16, 16))
+    monkeypatch.setattr(flash, "flash_schedule", lambda p, lq, lk, block_q=None, block_k=None:
+                        list(zip(*p.tiles(lq, lk, *flash.default_blocks(lq, lk)).nonzero())))
+    assert score_pairs(causal, L, L, "xla") == 10 * 16 * 16
+    assert score_pairs(MaskPattern("full"), L, L, "xla") == L * L
+    # One tile covering q and k: every score of it, the two-pass noisy-noisy ones included.
+    monkeypatch.setattr(flash, "default_blocks", lambda lq, lk: (lq, lk))
+    assert score_pairs(two, 2 * L, 2 * L, "xla") == (2 * L) ** 2
+
+
+def test_pattern_attention_flops_counts_the_last_layer_alone():
+    L, lb, depth, D = 64, 16, 3, 32
+    two = MaskPattern("two_pass", lb)
+    got = pattern_attention_flops(depth, D, two, L, "dense", last_queries=L)
+    keys = (depth - 1) * (2 * L + lb) + (L + lb)
+    assert got == attention_flops(1, D, keys)
+    assert pattern_attention_flops(depth, D, MaskPattern("full"), L, "dense") == \
+        attention_flops(depth, D, L)
