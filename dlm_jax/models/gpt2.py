@@ -317,7 +317,8 @@ class GPT2(nnx.Module):
         """Logits (B, L, V) float32 for tokens (B, L) int32; position i predicts token i + 1.
 
         sigma: ignored (the AR interface). mask: a `MaskPattern`, bool (B|1, L, L) or (L, L),
-        ANDed with the causal mask (causal=False: the mask alone; None: full). positions: (B|1, L) or (L,)
+        ANDed with the causal mask (causal=False: the mask alone; None: full).
+        positions: (B|1, L) or (L,)
         indices into wpe, default 0…L−1 (a static L > n_positions, or concrete positions
         outside the table, raise ValueError).
         rngs: dropout randomness, needed only if deterministic=False.
@@ -329,7 +330,8 @@ class GPT2(nnx.Module):
     def two_pass(self, xt: Array, x0: Array, sigma: Array | None, block_size: int, *,
                  band: Array | None = None, deterministic: bool = True, rngs=None) -> Array:
         """BD3-LM training forward over [x_t ⊕ x_0] (the bidirectional variant): positions
-        0…L−1 for both halves, the two-pass mask (`masks.bd3lm_two_pass_mask`), narrowed inside blocks to keys j ≤ i + band when given (annealing). σ is ignored.
+        0…L−1 for both halves, the two-pass mask (`masks.bd3lm_two_pass_mask`), narrowed
+        inside blocks to keys j ≤ i + band when given (annealing). σ is ignored.
         Returns the logits of the x_t half (B, L, V) float32."""
         del sigma
         if self.causal:

@@ -325,9 +325,9 @@ def attend_two_pass(q: Array, k: Array, v: Array, block_size: int, *,
                     band: Array | None = None) -> Array:
     """BD3-LM two-pass attention over [x_t ⊕ x_0] without the dense (2L, 2L) score matrix.
 
-    Equals `attend_dense(q, k, v, bd3lm_two_pass_mask(L, block_size)[:, :Lq])`: a noisy query in block b
-    sees its own noisy block (bidirectionally) and the clean blocks < b; a clean query in block b
-    sees the clean blocks ≤ b; no query sees another noisy block. So the noisy keys are needed
+    Equals `attend_dense(q, k, v, bd3lm_two_pass_mask(L, block_size)[:, :Lq])`: a noisy query
+    in block b sees its own noisy block (bidirectionally) and the clean blocks < b; a clean
+    query in block b sees the clean blocks ≤ b; no query sees another noisy block. So the noisy keys are needed
     only block-diagonally: scores are (L, Lb) within the noisy blocks plus (Lq, L) against the
     clean half, instead of (Lq, 2L) — half the work and memory of the dense form, for any Lb.
 

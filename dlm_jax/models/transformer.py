@@ -181,8 +181,9 @@ class DiTBlock(nnx.Module):
         """One block over h (B, L, D) float32 with conditioning c (B, C) (None without adaLN).
 
         cos/sin (B|1, L, Dh) rotary tables; mask: a `MaskPattern` (e.g. the BD3-LM layout over
-        [x_t ⊕ x_0]), a bool array (B|1, L, L) or None (full); computed by `attention`. With q_rows, only the first q_rows rows are
-        computed as queries/outputs (keys still cover all L rows): returns (B, q_rows, D).
+        [x_t ⊕ x_0]), a bool array (B|1, L, L) or None (full); computed by `attention`.
+        With q_rows, only the first q_rows rows are computed as queries/outputs (keys still
+        cover all L rows): returns (B, q_rows, D).
         Returns (B, L, D) float32 otherwise.
         """
         mod = self._modulation(c)
@@ -451,7 +452,8 @@ class DiT(nnx.Module):
         tokens may be float values (B, L) of an ordinal vocabulary (`interpolated_embedding`);
         with `history_noise`, σ (B,) or scalar is the noise level of those values.
         mask: a `MaskPattern`, bool (B|1, L, L) or (L, L) (True = may attend), or None = full
-        attention (the AR model always ANDs the causal mask in). positions: (B|1, L) or (L,) ints for rotary, default
+        attention (the AR model always ANDs the causal mask in). positions: (B|1, L) or (L,)
+        ints for rotary, default
         0…L−1. rngs: dropout randomness, needed only if deterministic=False.
         Returns (B, L, V) float32.
         """
