@@ -150,8 +150,6 @@ def dense_attention(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | N
     pattern computes only its non-zero blocks, `layers.attend_two_pass`). mask: a pattern, a bool
     array (B|1, Lq, Lk) or None (full). Returns (B, Lq, H, Dh) in q's dtype."""
     from dlm_jax.models.layers import attend_dense, attend_two_pass
-    if q.dtype == jnp.float64:  # jax.nn.dot_product_attention's softmax is float32 only
-        return _dense_attention_exact(q, k, v, mask)
     if isinstance(mask, MaskPattern):
         if mask.kind == "two_pass":
             return attend_two_pass(q, k, v, mask.block_size, band=mask.band)
@@ -159,18 +157,6 @@ def dense_attention(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | N
             return attend_dense(q, k, v, None)
         return attend_dense(q, k, v, mask.dense(q.shape[1], k.shape[1])[None])
     return attend_dense(q, k, v, mask)
-
-
-def _dense_attention_exact(q: Array, k: Array, v: Array,
-                           mask: "MaskPattern | Array | None") -> Array:
-    """`dense_attention` with the softmax in q's precision (float64 stays float64)."""
-    from dlm_jax.models.layers import _joint_softmax, _scores, _weighted_values, attend_two_pass
-    if isinstance(mask, MaskPattern):
-        if mask.kind == "two_pass":
-            return attend_two_pass(q, k, v, mask.block_size, band=mask.band)
-        mask = mask.dense(q.shape[1], k.shape[1])[None]
-    p, = _joint_softmax(_scores(q, k, mask))
-    return _weighted_values(p, v).astype(q.dtype)
 
 
 def attend(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | None", *,

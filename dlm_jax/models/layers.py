@@ -255,12 +255,16 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 def attend_dense(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-    """Softmax attention, scale 1/sqrt(Dh), softmax in float32, with the whole score matrix.
+    """Softmax attention, scale 1/sqrt(Dh), with the whole score matrix; softmax in float32
+    (`_score_dtype`: float64 for float64 inputs).
 
     q (B, Lq, H, Dh), k/v (B, Lk, H, Dh), mask bool (B|1, Lq, Lk) (True = may attend) or None
     (full). Returns (B, Lq, H, Dh) in q's dtype. Models call `models.attention.attend`, which
     takes structured masks and picks the backend.
     """
+    if q.dtype == jnp.float64:  # jax.nn.dot_product_attention's softmax is float32 only
+        p, = _joint_softmax(_scores(q, k, mask))
+        return _weighted_values(p, v).astype(q.dtype)
     m = None if mask is None else mask[:, None, :, :]
     return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0 / math.sqrt(q.shape[-1]),
                                         implementation="xla")
