@@ -337,7 +337,8 @@ def flash_line(result: dict) -> str:
     tiles = result.get("flash_tiles")
     size = f", {tiles[0]} × {tiles[1]} tiles at L 4096" if tiles else ""
     return (f"`xla` attention is the flash backend (`models.flash`{size}); its FLOPs count "
-            "the (query tile, key tile) pairs of its schedule, whole tiles.")
+            "the (query tile, key tile) pairs of its schedule, whole tiles, and the two-pass "
+            "noisy block diagonal it computes densely.")
 
 
 def _pct(x: float | None) -> str:

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from dlm_jax import masks
 from dlm_jax.models import flash
 from dlm_jax.models.attention import MaskPattern, dense_attention
-from dlm_jax.models.flash import default_blocks, flash_attention, flash_schedule
+from dlm_jax.models.flash import default_blocks, flash_attention, flash_plan, flash_schedule
 from dlm_jax.models.transformer import DiT
 
 
@@ -68,8 +68,10 @@ CASES = [
     ("full", 0, 5, 20, 20, 8, 8),
     ("block_causal", 4, None, 40, 40, 16, 12),
     ("block_causal", 8, 2, 40, 40, 3, 5),
-    ("two_pass", 4, None, 24, 48, 16, 12),
+    ("two_pass", 4, None, 24, 48, 16, 12),  # blocks < key tile: dense noisy diagonal
     ("two_pass", 4, 1, 48, 48, 5, 7),
+    ("two_pass", 8, 2, 64, 64, 16, 8),      # blocks ≥ key tile: tiles over both halves
+    ("two_pass", 6, None, 30, 60, 16, 32),  # key tile (32) beyond the clean half (30)
     ("causal", 0, None, 300, 300, None, None),  # default tiles, 300 = 2·128 + 44
 ]
 
@@ -113,12 +115,19 @@ def test_schedule_skips_masked_tiles():
     two = MaskPattern("two_pass", t)
     assert len(flash_schedule(two, 2 * L, 2 * L, t, t)) == n * (n + 1)
     assert len(flash_schedule(two, L, 2 * L, t, t)) == n * (n + 1) // 2
-    # Tiles not aligned with the blocks: exactly the tiles holding an allowed entry.
-    for kind, block in [("block_causal", 12), ("two_pass", 12)]:
+    # Tiles not aligned with the blocks: exactly the tiles holding an allowed entry. Two-pass
+    # blocks smaller than a key tile: the noisy diagonal is dense, the tiles cover the clean half.
+    for kind, block in [("block_causal", 12), ("two_pass", 12), ("two_pass", 48)]:
         lk = 2 * 96 if kind == "two_pass" else 96
-        got = flash_schedule(MaskPattern(kind, block), lk, lk, 16, 32)
-        want = np.argwhere(_tiles_of(_mask(kind, block, None, lk, lk), 16, 32))
-        np.testing.assert_array_equal(got, want)
+        plan = flash_plan(MaskPattern(kind, block), lk, lk, 16, 32)
+        mask = _mask(kind, block, None, lk, lk)
+        if block < 32 and kind == "two_pass":
+            assert (plan.key_start, plan.diagonal) == (96, block)
+            mask = mask[:, 96:]
+        else:
+            assert (plan.key_start, plan.diagonal) == (0, 0)
+        np.testing.assert_array_equal(plan.pairs, np.argwhere(_tiles_of(mask, 16, 32)))
+        assert plan.scores == len(plan.pairs) * 16 * 32 + plan.key_start * plan.diagonal
     # The band is traced: it never removes tiles from the static schedule.
     banded = flash_schedule(MaskPattern("block_causal", 16, jnp.int32(0)), L, L, t, t)
     np.testing.assert_array_equal(banded, flash_schedule(MaskPattern("block_causal", 16), L, L,

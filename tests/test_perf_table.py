@@ -149,13 +149,16 @@ def test_score_pairs_per_backend(monkeypatch):
     assert score_pairs(causal, L, L, "cudnn") == L * (L + 1) // 2
     # Flash with 16 × 16 tiles: the causal schedule is the 10 tiles on and below the diagonal.
     monkeypatch.setattr(flash, "default_blocks", lambda lq, lk: (16, 16))
-    monkeypatch.setattr(flash, "flash_schedule", lambda p, lq, lk, block_q=None, block_k=None:
-                        list(zip(*p.tiles(lq, lk, *flash.default_blocks(lq, lk)).nonzero())))
     assert score_pairs(causal, L, L, "xla") == 10 * 16 * 16
     assert score_pairs(MaskPattern("full"), L, L, "xla") == L * L
-    # One tile covering q and k: every score of it, the two-pass noisy-noisy ones included.
+    # Two-pass, blocks = tiles: noisy query tile i scores noisy tile i and clean tiles < i,
+    # clean query tile i clean tiles ≤ i (4 tiles a half).
+    assert score_pairs(two, 2 * L, 2 * L, "xla") == (4 + 6 + 10) * 16 * 16
+    # One tile covering q and the clean half, blocks smaller: the noisy diagonal densely, then
+    # every score of the one tile against the clean half.
     monkeypatch.setattr(flash, "default_blocks", lambda lq, lk: (lq, lk))
-    assert score_pairs(two, 2 * L, 2 * L, "xla") == (2 * L) ** 2
+    assert score_pairs(two, 2 * L, 2 * L, "xla") == L * lb + 2 * L * L
+    assert score_pairs(two, L, 2 * L, "xla") == L * lb + L * L
 
 
 def test_pattern_attention_flops_counts_the_last_layer_alone():

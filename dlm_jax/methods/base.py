@@ -134,15 +134,15 @@ def score_pairs(pattern: MaskPattern, lq: int, lk: int, backend: str) -> float:
     """(query, key) scores per head and sequence that `backend` computes for `pattern`, queries
     the first lq of lk positions.
 
-    xla: P·tq·tk of the flash schedule (whole tiles, padding included); dense: every key, but
-    the block-sparse two-pass (`layers.attend_two_pass`: noisy queries score their own block
-    and the clean half, clean queries the clean half); splash / cudnn skip tiles of their own
-    choosing, so count only the allowed entries (a lower bound: MFU is never overstated).
+    xla: the flash plan's P·tq·tk (whole tiles, padding included) plus the two-pass noisy
+    diagonal it computes densely; dense: every key, but the block-sparse two-pass
+    (`layers.attend_two_pass`: noisy queries score their own block and the clean half, clean
+    queries the clean half); splash / cudnn skip tiles of their own choosing, so count only the
+    allowed entries (a lower bound: MFU is never overstated).
     """
     if backend == "xla":
-        from dlm_jax.models.flash import default_blocks, flash_schedule
-        tq, tk = default_blocks(lq, lk)
-        return float(len(flash_schedule(pattern, lq, lk)) * tq * tk)
+        from dlm_jax.models.flash import flash_plan
+        return float(flash_plan(pattern, lq, lk).scores)
     if backend == "dense":
         if pattern.kind != "two_pass":
             return float(lq * lk)

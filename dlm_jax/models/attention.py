@@ -102,10 +102,12 @@ class MaskPattern:
         k = jax.lax.broadcasted_iota(jnp.int32, (lq, lk), 1)
         return self.allowed(q, k, lk)
 
-    def tiles(self, lq: int, lk: int, tq: int, tk: int) -> np.ndarray:
-        """Static (⌈Lq/tq⌉, ⌈Lk/tk⌉) bool: which (query tile, key tile) pairs hold at least one
-        allowed entry, with the band ignored (it only removes entries, so this is a superset)."""
-        return _tile_table(self.kind, self.block_size, lq, lk, tq, tk).copy()
+    def tiles(self, lq: int, lk: int, tq: int, tk: int, key_start: int = 0) -> np.ndarray:
+        """Static (⌈Lq/tq⌉, ⌈(Lk − key_start)/tk⌉) bool: which (query tile, key tile) pairs
+        hold at least one allowed entry, with the band ignored (it only removes entries, so this
+        is a superset). Key tiles cover positions key_start…Lk−1 (the two-pass clean half when
+        key_start = L)."""
+        return _tile_table(self.kind, self.block_size, lq, lk, tq, tk, key_start).copy()
 
     def with_causal(self) -> "MaskPattern":
         """This pattern ANDed with the causal mask (the AR model's attention). Causal is at
@@ -116,11 +118,12 @@ class MaskPattern:
 
 
 @functools.lru_cache(maxsize=256)
-def _tile_table(kind: str, block_size: int, lq: int, lk: int, tq: int, tk: int) -> np.ndarray:
+def _tile_table(kind: str, block_size: int, lq: int, lk: int, tq: int, tk: int,
+                key_start: int) -> np.ndarray:
     """`MaskPattern.tiles`, cached: every layer's forward and backward asks for the same table."""
     pattern = MaskPattern(kind, block_size)
-    nq, nk = -(-lq // tq), -(-lk // tk)
-    k = np.arange(nk * tk)[None, :]
+    nq, nk = -(-lq // tq), -(-(lk - key_start) // tk)
+    k = key_start + np.arange(nk * tk)[None, :]
     table = np.zeros((nq, nk), bool)
     for i in range(nq):  # one strip of query rows at a time: memory tq·Lk, not Lq·Lk
         q = np.arange(i * tq, min((i + 1) * tq, lq))[:, None]
