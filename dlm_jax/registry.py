@@ -202,9 +202,11 @@ def build_tokenizer(cfg: Config):
 # ---------------------------------------------------------------------------------------------
 
 def _new_model(cfg: Config, method: Method, token_vocab: int, seed: int) -> DiT:
+    batch_axes = dict(cfg.mesh.rules).get("batch") or ()
     return build_model(cfg.model, vocab_size=method.model_vocab(token_vocab),
-                       causal=method.causal,
-                       history_noise=bool(cfg.diffusion.history_noise), rngs=nnx.Rngs(seed))
+                       causal=method.causal, history_noise=bool(cfg.diffusion.history_noise),
+                       batch_axes=(batch_axes,) if isinstance(batch_axes, str) else batch_axes,
+                       rngs=nnx.Rngs(seed))
 
 
 # Parameter subtrees read by a lookup, not a matmul: the DiT's token embedding and GPT-2's

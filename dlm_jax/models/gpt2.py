@@ -45,8 +45,8 @@ from flax import nnx
 from dlm_jax.masks import causal_mask
 from dlm_jax.models.attention import MaskPattern, attend, check_backend, model_mask
 from dlm_jax.models.cache import KVCache
-from dlm_jax.models.layers import (LayerNorm, attend_with_prefix, dropout, dropout_key,
-                                   make_param, matmul_rows, zeros)
+from dlm_jax.models.layers import (LayerNorm, attend_with_prefix, constrain_batch, dropout,
+                                   dropout_key, make_param, matmul_rows, zeros)
 from dlm_jax.models.layout import stack_layers, stack_modules, unstack_layers
 from dlm_jax.models.transformer import REMAT_POLICIES, _split_keys, layer_keys, scan_blocks
 
@@ -206,6 +206,7 @@ class GPT2(nnx.Module):
       attention: the attention backend, as `DiT`'s (attention dropout takes the dense path).
       scan_layers: the blocks as one stacked GPT2Block applied by `jax.lax.scan`, as `DiT`'s
         (same initial values, outputs and gradients; `models.layout` converts parameters).
+      batch_axes: mesh axes of the batch, kept by the residual stream under a mesh, as `DiT`'s.
       dtype: compute dtype of matmuls; params are `param_dtype`.
       rngs: parameter initialisation RNG (the ``params`` stream).
     """
@@ -213,8 +214,9 @@ class GPT2(nnx.Module):
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, *,
                  n_positions: int, mlp_hidden: int | None = None, layer_norm_eps: float = 1e-5,
                  dropout: float = 0.0, remat: str = "none", causal: bool = True,
-                 attention: str = "xla", scan_layers: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 attention: str = "xla", scan_layers: bool = False,
+                 batch_axes: tuple[str, ...] = (), dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if width % heads:
             raise ValueError(f"GPT-2 width {width} must split into {heads} heads")
         if n_positions < 1:
@@ -224,6 +226,7 @@ class GPT2(nnx.Module):
         self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
         self.causal = causal
         self.attention = check_backend(attention)
+        self.batch_axes = tuple(batch_axes)
         self.head_dim = width // heads
         self.n_positions, self.mlp_hidden = n_positions, mlp_hidden or 4 * width
         self.layer_norm_eps, self.dropout, self.remat, self.dtype = (
@@ -302,13 +305,16 @@ class GPT2(nnx.Module):
         else:
             k_embd, *keys = _split_keys(key, self.depth + 1)
         h = dropout(self._embed(tokens, positions), self.dropout, k_embd, deterministic)
+        h = constrain_batch(h, self.batch_axes)
         if self.scan_layers:
             def step(block, h, k):
-                return block(h, mask, deterministic=deterministic, key=k), None
+                h = block(h, mask, deterministic=deterministic, key=k)
+                return constrain_batch(h, self.batch_axes), None
             h, _ = scan_blocks(self.blocks, h, keys, step, remat=self.remat)
         else:
             for block, k in zip(self.blocks, keys):
                 h = self._apply_block(block, h, mask, deterministic=deterministic, key=k)
+                h = constrain_batch(h, self.batch_axes)
         return self.ln_f(h)
 
     def __call__(self, tokens: Array, sigma: Array | None = None, *, mask: Array | None = None,

@@ -101,6 +101,29 @@ def matmul_rows(x: Array, w: Array, n_in: int = 1) -> Array:
     return y.reshape(lead + w.shape[n_in:])
 
 
+def constrain_batch(x: Array, axes: Sequence[str]) -> Array:
+    """x (B, …) laid out with B split over the mesh axes `axes` and every other axis whole.
+
+    The residual stream's layout under data parallelism and FSDP. Without it GSPMD may give an
+    activation the layout of a parameter sharded over "fsdp" along its width (the embedding
+    table) and replicate work across the fsdp shards: for the BD3-LM small preset at L 1024,
+    2 sequences per device, fsdp 8, the compiled step had 1.09× an even share of the FLOPs and
+    22.3 GiB of temporaries per device instead of 5.1. Applied under the current mesh
+    (`jax.set_mesh`, Auto axes): a no-op outside one, for axes it lacks or of size 1, under
+    Explicit axes (the type carries the layout), and when they do not divide B.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not axes:
+        return x
+    present = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if (not present or x.shape[0] % math.prod(mesh.shape[a] for a in present)
+            or any(types[a] != jax.sharding.AxisType.Auto for a in present)):
+        return x
+    spec = jax.sharding.PartitionSpec(present if len(present) > 1 else present[0])
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 class Dense(nnx.Module):
     """y = x @ kernel + bias. kernel (Din, Dout) float32, matmul in `dtype`, output in `dtype`."""
 

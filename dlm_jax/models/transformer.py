@@ -56,7 +56,7 @@ from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layout import stack_modules
 from dlm_jax.models.layers import (Attention, Embed, LayerNorm, Mlp, Modulation, SigmaEmbedder,
                                    make_param, zeros,
-                                   Dense, apply_rotary, attend_with_prefix,
+                                   Dense, apply_rotary, attend_with_prefix, constrain_batch,
                                    SIGMA_FEATURES, SIGMA_MAX_PERIOD, dropout, dropout_key, modulate,
                                    per_row, rotary_cos_sin)
 
@@ -286,6 +286,8 @@ class DiT(nnx.Module):
         every embedding as log(1 + σ)·u with one learned vector u (D,) (`noise_embed`,
         zero-initialised, created only with this option, after all other parameters, so the
         others keep their names and initial values). σ = 0 or None is the plain model.
+      batch_axes: the mesh axes the batch is split over (the "batch" rule of `mesh.rules`):
+        under a mesh the residual stream keeps that layout (`layers.constrain_batch`); () none.
       dtype: compute dtype of matmuls (e.g. jnp.bfloat16); params are `param_dtype` (float32).
       rngs: parameter initialisation RNG (only the ``params`` stream is used).
     """
@@ -296,8 +298,8 @@ class DiT(nnx.Module):
                  token_conditioning: bool = True, sigma_features: int = SIGMA_FEATURES,
                  sigma_max_period: float = SIGMA_MAX_PERIOD, remat: str = "none",
                  attention: str = "xla", history_noise: bool = False,
-                 scan_layers: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 scan_layers: bool = False, batch_axes: tuple[str, ...] = (),
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
         self.vocab_size, self.width, self.depth, self.heads = vocab_size, width, depth, heads
@@ -311,6 +313,7 @@ class DiT(nnx.Module):
             raise ValueError(f"remat={remat!r}; choose from {sorted(REMAT_POLICIES)}")
         self.remat = remat
         self.attention = check_backend(attention)
+        self.batch_axes = tuple(batch_axes)
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
@@ -394,7 +397,7 @@ class DiT(nnx.Module):
                  out_rows: int | None, deterministic: bool, key: Array | None,
                  noise: Array | None = None) -> Array:
         """Shared trunk: embedding, blocks, final layer on the first out_rows rows (or all)."""
-        h = self._embed_input(tokens, noise)
+        h = constrain_batch(self._embed_input(tokens, noise), self.batch_axes)
         cos, sin = rotary_cos_sin(positions, self.head_dim)
         if self.scan_layers:
             h = self._scan_forward(h, c, cos, sin, mask, out_rows=out_rows,
@@ -406,6 +409,7 @@ class DiT(nnx.Module):
                 h = self._apply_block(block, h, c, cos, sin, mask,
                                       q_rows=out_rows if i == last else None,
                                       deterministic=deterministic, key=keys[i])
+                h = constrain_batch(h, self.batch_axes)
         if out_rows is not None:
             h = h[:, :out_rows]
             if c is not None and c.ndim == 3:
@@ -421,7 +425,8 @@ class DiT(nnx.Module):
         scanned = self.depth - (out_rows is not None)
 
         def step(block, h, k):
-            return block(h, c, cos, sin, mask, deterministic=deterministic, key=k), None
+            h = block(h, c, cos, sin, mask, deterministic=deterministic, key=k)
+            return constrain_batch(h, self.batch_axes), None
         if scanned:
             h, _ = scan_blocks(self.blocks, h,
                                None if keys is None else keys[:scanned], step,
@@ -430,6 +435,7 @@ class DiT(nnx.Module):
             h = self._apply_block(layer_of(self.blocks, self.depth - 1), h, c, cos, sin, mask,
                                   q_rows=out_rows, deterministic=deterministic,
                                   key=None if keys is None else keys[-1])
+            h = constrain_batch(h, self.batch_axes)
         return h
 
     def _apply_block(self, block: DiTBlock, h: Array, c, cos, sin, mask, *, q_rows,
@@ -563,11 +569,13 @@ def model_dims(cfg: ModelConfig) -> dict[str, int]:
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool,
-                history_noise: bool = False, rngs: nnx.Rngs) -> nnx.Module:
+                history_noise: bool = False, batch_axes: tuple[str, ...] = (),
+                rngs: nnx.Rngs) -> nnx.Module:
     """The DiT (causal: the AR variant), or with `arch="gpt2"` the `GPT2` (causal: the language
     model; otherwise its bidirectional variant, a masked-diffusion denoiser), described by the
     model section of a config (validated: `n_positions` resolved). history_noise: the DiT's
-    noise-level input of noisy-history AR training (`diffusion.history_noise`)."""
+    noise-level input of noisy-history AR training (`diffusion.history_noise`); batch_axes: the
+    mesh axes of the batch, which the residual stream keeps under a mesh."""
     dims = model_dims(cfg)
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     if cfg.arch == "gpt2":
@@ -582,11 +590,11 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool,
                     n_positions=cfg.n_positions, mlp_hidden=cfg.mlp_ratio * dims["width"],
                     layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout, remat=cfg.remat,
                     causal=causal, attention=cfg.attention, scan_layers=cfg.scan_layers,
-                    dtype=dtype, rngs=rngs)
+                    batch_axes=batch_axes, dtype=dtype, rngs=rngs)
     return DiT(vocab_size, dims["width"], dims["depth"], dims["heads"], cond_dim=dims["cond_dim"],
                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=causal,
                time_conditioning=cfg.time_conditioning,
                token_conditioning=cfg.token_conditioning, sigma_features=cfg.sigma_features,
                sigma_max_period=cfg.sigma_max_period, remat=cfg.remat,
                attention=cfg.attention, history_noise=history_noise,
-               scan_layers=cfg.scan_layers, dtype=dtype, rngs=rngs)
+               scan_layers=cfg.scan_layers, batch_axes=batch_axes, dtype=dtype, rngs=rngs)
