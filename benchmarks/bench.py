@@ -14,8 +14,10 @@ measured side by side):
      passes interleave the families, so drift hits all of them alike.
 Figures: median step time (min–max over all timed steps), tokens/s = batch·L / step time,
 achieved FLOP/s = tokens/s · `Experiment.flops_per_token()` (the method's count: 6·N for the
-matmuls, ×2 for the BD3-LM two-pass input, plus the attention actually computed, block-sparse
-for two-pass), MFU = achieved / the median jax matmul peak of this run.
+matmuls, N the weights a token's row is multiplied by, `registry.matmul_params`; 12·N − 6·N_q
+for the BD3-LM two-pass input, whose output layer and last-block query side see the noisy rows
+only; plus the attention actually computed, block-sparse for two-pass), MFU = achieved / the
+median jax matmul peak of this run.
 
 Setup (the "bench" size at which the PyTorch reference was measured): DiT width 256,
 depth 4, 4 heads, cond 128; the byte tokenizer's 258 ids (+ the mask state for absorbing

@@ -201,17 +201,61 @@ def build_tokenizer(cfg: Config):
 # The experiment
 # ---------------------------------------------------------------------------------------------
 
+def _rule_axes(cfg: Config, name: str) -> tuple[str, ...]:
+    """The mesh axes `cfg.mesh.rules` maps logical axis `name` to (a tuple, maybe empty)."""
+    axes = dict(cfg.mesh.rules).get(name) or ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def _new_model(cfg: Config, method: Method, token_vocab: int, seed: int) -> DiT:
-    batch_axes = dict(cfg.mesh.rules).get("batch") or ()
     return build_model(cfg.model, vocab_size=method.model_vocab(token_vocab),
                        causal=method.causal, history_noise=bool(cfg.diffusion.history_noise),
-                       batch_axes=(batch_axes,) if isinstance(batch_axes, str) else batch_axes,
+                       batch_axes=_rule_axes(cfg, "batch"), head_axes=_rule_axes(cfg, "heads"),
                        rngs=nnx.Rngs(seed))
 
 
 # Parameter subtrees read by a lookup, not a matmul: the DiT's token embedding and GPT-2's
 # position table (GPT-2's token table is also its tied output head, so it counts).
 GATHER_TABLES = ("embed", "wpe")
+# The DiT's σ conditioning: the σ embedding and the adaLN modulations it feeds, applied once per
+# sequence when σ is one per sequence.
+CONDITIONING = ("sigma_map", "adaln")
+# The output layers (the DiT's final layer, GPT-2's tied head), and the parts of a block that
+# act on query rows only (attention output, MLP): a two-pass forward applies these to its noisy
+# rows only, in the last layer.
+OUTPUT_LAYERS = ("final", "wte")
+QUERY_ROW_PARTS = ("out", "mlp")
+
+
+def matmul_params(params: dict, *, depth: int, per_token_sigma: bool) -> tuple[int, int]:
+    """(N, N_q) of a model's parameter tree for `Method.flops_per_token`.
+
+    N: the weights every token's row is multiplied by in a forward: matrices only (biases and
+    norm scales are elementwise), without the gathered input tables (`GATHER_TABLES`) and,
+    unless σ is per token, without the σ conditioning (`CONDITIONING`: a per-sequence matmul).
+    N_q: those of N a two-pass forward applies to its query (noisy) rows only — the output
+    layer and the last block's attention output and MLP. Either block layout (a list of
+    depth blocks, or stacked (depth, …) parameters) counts the same.
+    """
+    n = n_q = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [getattr(p, "key", getattr(p, "idx", p)) for p in path]
+        size = math.prod(leaf.shape)
+        elementwise = len(leaf.shape) < 2 or str(names[-1]).endswith("bias")
+        if elementwise or names[0] in GATHER_TABLES:
+            continue
+        if not per_token_sigma and any(name in CONDITIONING for name in names):
+            continue
+        n += size
+        if names[0] in OUTPUT_LAYERS:
+            n_q += size
+        elif names[0] == "blocks" and any(name in QUERY_ROW_PARTS for name in names):
+            stacked = not isinstance(names[1], int)
+            if stacked:
+                n_q += size // depth
+            elif names[1] == depth - 1:
+                n_q += size
+    return n, n_q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,16 +286,17 @@ class Experiment:
         return nnx.merge(self.graphdef, params)
 
     def flops_per_token(self) -> float:
-        """The method's training FLOPs per token with the configured attention backend; N
-        leaves out the input tables that are only gathered (`GATHER_TABLES`): no matmul."""
-        dims = model_dims(self.cfg.model)
-        gathered = sum(math.prod(x.shape) for name in GATHER_TABLES
-                       if name in self.abstract_params
-                       for x in jax.tree.leaves(self.abstract_params[name]))
-        return self.method.flops_per_token(num_params=self.num_params - gathered,
-                                           depth=dims["depth"], width=dims["width"],
-                                           seq_len=self.cfg.data.seq_len,
-                                           attention=self.cfg.model.attention)
+        """The method's training FLOPs per token with the configured attention backend, over
+        the weights each token's row is multiplied by (`matmul_params`)."""
+        model = self.cfg.model
+        dims = model_dims(model)
+        per_token_sigma = (self.method.per_token_sigma and model.arch == "dit"
+                           and model.time_conditioning and model.token_conditioning)
+        n, n_q = matmul_params(self.abstract_params, depth=dims["depth"],
+                               per_token_sigma=per_token_sigma)
+        return self.method.flops_per_token(num_params=n, depth=dims["depth"],
+                                           width=dims["width"], seq_len=self.cfg.data.seq_len,
+                                           attention=model.attention, query_params=n_q)
 
     def dataset(self, split: str, *, global_batch: int, repeat: bool, shuffle: bool = True):
         """This host's grain pipeline for `split` (train / validation)."""

@@ -236,6 +236,26 @@ def test_dropout_and_remat(gpt2):
 # sharding
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_two_pass_last_layer_computes_the_noisy_queries_only(scan):
+    """BD3-LM's two-pass forward of the bidirectional GPT-2 runs its last layer on the noisy
+    half's rows only: the same logits as the full pass over [x_t ⊕ x_0] read at those rows."""
+    from dlm_jax.models.attention import MaskPattern
+    from dlm_jax.models.layout import stack_layers
+    model = random_gpt2(3, causal=False)
+    if scan:
+        graphdef, state = nnx.split(random_gpt2(3, causal=False, scan_layers=True))
+        nnx.replace_by_pure_dict(state, stack_layers(nnx.to_pure_dict(nnx.split(model)[1])))
+        model = nnx.merge(graphdef, state)
+    half = L // 2
+    xt, x0 = _tokens(5, (B, half)), _tokens(6, (B, half))
+    positions = jnp.concatenate([jnp.arange(half), jnp.arange(half)])[None]
+    full = model.features(jnp.concatenate([xt, x0], axis=1), mask=MaskPattern("two_pass", 4),
+                          positions=positions)
+    np.testing.assert_allclose(model.two_pass(xt, x0, None, 4),
+                               model.logits(full[:, :half]), rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_forward_equals_unsharded(gpt2):
     mc = MeshConfig(shape=(2, 2, 2))
     mesh = sharding.make_mesh(mc, jax.devices()[:8])

@@ -160,6 +160,13 @@ def test_mesh_spec():
     assert kernels._mesh_spec(_abstract_mesh((2, 1, 2)), 4, 2) == P("data", None, "tensor", None)
     assert kernels._mesh_spec(_abstract_mesh((2, 1, 2)), 3, 2) == P(None, None, "tensor", None)
     assert kernels._mesh_spec(_abstract_mesh((4, 2, 1)), 4, 2) is None  # 8 ∤ 4: replicated
+    # the run's rules, when the model passes them: batch over "data" only, heads replicated
+    custom = (("data",), ())
+    assert kernels._mesh_spec(_abstract_mesh((2, 2, 2)), 8, 4, custom) == P("data", None, None,
+                                                                           None)
+    assert kernels._mesh_spec(_abstract_mesh((1, 2, 2)), 8, 4, custom) is None
+    assert kernels._mesh_spec(_abstract_mesh((2, 2, 2)), 8, 4, ((), ("fsdp", "tensor"))) == P(
+        None, None, ("fsdp", "tensor"), None)
 
 
 def test_splash_under_a_mesh_runs_in_shard_map():
@@ -177,6 +184,44 @@ def test_splash_under_a_mesh_runs_in_shard_map():
     o_ref, grads_ref = _value_and_grads(dense_attention, q, k, v, w, pattern)
     for got, want in zip((o, *grads), (o_ref, *grads_ref)):
         np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_models_split_splash_as_the_run_rules_do(monkeypatch):
+    """The DiT passes its run's mesh rules (`config.mesh.rules` "batch" and "heads", through
+    `registry`) to splash's shard_map: here batch over "data" only, heads replicated, on a
+    (2, 2, 1) mesh, where the default rules would split the batch over data × fsdp. Values
+    equal the dense model's (same parameters)."""
+    from flax import nnx
+
+    from dlm_jax.models.transformer import build_model
+    cfg = tiny.get_config("bd3lm,block=16")
+    cfg.mesh.rules = tuple((name, "data" if name == "batch" else None if name == "heads" else rule)
+                           for name, rule in cfg.mesh.rules)
+    assert (registry._rule_axes(cfg, "batch"), registry._rule_axes(cfg, "heads")) == (
+        ("data",), ())
+    specs = []
+    mesh_spec = kernels._mesh_spec
+    monkeypatch.setattr(kernels, "_mesh_spec",
+                        lambda *args: specs.append(mesh_spec(*args)) or specs[-1])
+
+    def model(attention):
+        cfg.model.attention = attention
+        return build_model(cfg.model, vocab_size=9, causal=False,
+                           batch_axes=registry._rule_axes(cfg, "batch"),
+                           head_axes=registry._rule_axes(cfg, "heads"), rngs=nnx.Rngs(0))
+    splash, dense = model("splash"), model("dense")
+    assert splash.blocks[0].shard_axes == (("data",), ())
+    length = 128
+    tokens = jax.random.randint(jax.random.key(1), (4, 2 * length), 0, 9)
+    sigma = jnp.full((4,), 0.5)
+    pattern = MaskPattern("two_pass", 16)
+    mesh = jax.make_mesh((2, 2, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda t, s: splash(t, s, mask=pattern))(tokens, sigma)
+    assert specs and all(spec == P("data", None, None, None) for spec in specs)
+    want = dense(tokens, sigma, mask=pattern)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class Autoregressive(Method):
         return BlockDecoder(lambda b: (jnp.zeros((b, length), jnp.int32), jnp.int32(0)), None,
                             commit_full, max_tokens=length)
 
-    def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla"):
+    def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla",
+                        query_params=0):
         # Dense scores every key under the causal mask; flash skips the tiles above the diagonal.
         return 6.0 * num_params + pattern_attention_flops(depth, width, CAUSAL, seq_len, attention)

@@ -199,10 +199,18 @@ class Method:
                           f"(objective {exp.cfg.diffusion.objective!r})")
 
     def flops_per_token(self, *, num_params: int, depth: int, width: int, seq_len: int,
-                        attention: str = "xla") -> float:
-        """6·N for the matmuls (forward + backward; N without gather-only tables) plus the
-        bidirectional attention that backend `attention` computes."""
+                        attention: str = "xla", query_params: int = 0) -> float:
+        """6·N for the matmuls (forward + backward) plus the bidirectional attention that
+        backend `attention` computes. num_params: N, the weights every token's row is
+        multiplied by (`registry.matmul_params`); query_params: those of N a two-pass forward
+        applies to its query rows only (used by the two-pass families)."""
         return 6.0 * num_params + pattern_attention_flops(depth, width, FULL, seq_len, attention)
+
+    @property
+    def per_token_sigma(self) -> bool:
+        """Whether the model is conditioned on a noise level per token (B, L) rather than one
+        per sequence (B,): then the σ conditioning is a per-token matmul too."""
+        return False
 
 
 def dropout_key(key: Array, train: bool) -> Array | None:
@@ -441,12 +449,18 @@ class ContinuousTime(Method):
         """What a block decoder returns for raw outputs (B, Lb, S) of a block (B, Lb)."""
         raise NotImplementedError
 
-    def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla"):
+    @property
+    def per_token_sigma(self) -> bool:
+        return self.blocks
+
+    def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla",
+                        query_params=0):
         if not self.blocks:
             return super().flops_per_token(num_params=num_params, depth=depth, width=width,
                                            seq_len=seq_len, attention=attention)
         # Two-pass input of 2L rows (matmuls twice) under the two-pass mask; the last layer
-        # computes the L noisy queries only.
+        # and the output layer compute the L noisy query rows only.
         pattern = MaskPattern("two_pass", self.block_size)
-        return 12.0 * num_params + pattern_attention_flops(depth, width, pattern, seq_len,
-                                                           attention, last_queries=seq_len)
+        return (12.0 * num_params - 6.0 * query_params
+                + pattern_attention_flops(depth, width, pattern, seq_len, attention,
+                                          last_queries=seq_len))

@@ -106,6 +106,8 @@ class ContinuousTimeELBO(Method):
     def denoiser(self, model) -> Denoiser:
         return Denoiser("x0_probs", lambda xt, sigma_bar: self.x0_probs(model(xt, sigma_bar), xt))
 
-    def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla"):
+    def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla",
+                        query_params=0):
         return 2 * super().flops_per_token(num_params=num_params, depth=depth, width=width,
-                                           seq_len=seq_len, attention=attention)
+                                           seq_len=seq_len, attention=attention,
+                                           query_params=query_params)

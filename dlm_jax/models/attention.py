@@ -163,12 +163,15 @@ def dense_attention(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | N
 
 
 def attend(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | None", *,
-           backend: str = "xla") -> Array:
+           backend: str = "xla",
+           shard_axes: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> Array:
     """Softmax attention (scale 1/sqrt(Dh), softmax in float32) under `mask` with `backend`.
 
     q (B, Lq, H, Dh), k/v (B, Lk, H, Dh); mask: a `MaskPattern`, None (full) or a bool array
     (B|1, Lq, Lk) (True = may attend), which always takes the dense path: only a pattern's
     structure lets a backend skip tiles. Returns (B, Lq, H, Dh) in q's dtype.
+    shard_axes: (batch axes, head axes) of the mesh, for a backend that runs per shard
+    (`splash`, in a shard_map); None: the default mesh rules'. The others let GSPMD split.
     """
     if mask is None:
         mask = FULL
@@ -179,7 +182,7 @@ def attend(q: Array, k: Array, v: Array, mask: "MaskPattern | Array | None", *,
         return flash_attention(q, k, v, mask)
     if backend == "splash":
         from dlm_jax.models.kernels import splash_attention
-        return splash_attention(q, k, v, mask)
+        return splash_attention(q, k, v, mask, shard_axes=shard_axes)
     if backend == "cudnn":
         from dlm_jax.models.kernels import cudnn_attention
         return cudnn_attention(q, k, v, mask)

@@ -48,7 +48,8 @@ from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (LayerNorm, attend_with_prefix, constrain_batch, dropout,
                                    dropout_key, make_param, matmul_rows, zeros)
 from dlm_jax.models.layout import stack_layers, stack_modules, unstack_layers
-from dlm_jax.models.transformer import REMAT_POLICIES, _split_keys, layer_keys, scan_blocks
+from dlm_jax.models.transformer import (REMAT_POLICIES, _split_keys, layer_keys, layer_of,
+                                       scan_blocks)
 
 Array = jax.Array
 
@@ -140,12 +141,13 @@ class GPT2Block(nnx.Module):
     """h += Dropout(attn(LN₁ h)); h += Dropout(mlp(LN₂ h)); residual stream float32."""
 
     def __init__(self, width: int, heads: int, hidden: int, *, depth: int, eps: float,
-                 dropout: float, attention: str = "xla", dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout: float, attention: str = "xla",
+                 shard_axes: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         out_std = INIT_STD / math.sqrt(2 * depth)  # GPT-2's residual-path scaling
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout_rate = dropout
-        self.attention = attention
+        self.attention, self.shard_axes = attention, shard_axes
         self.ln_1 = LayerNorm(width, eps=eps, use_bias=True, param_dtype=param_dtype, rngs=rngs)
         self.attn = GPT2Attention(width, heads, out_std=out_std, **kw)
         self.ln_2 = LayerNorm(width, eps=eps, use_bias=True, param_dtype=param_dtype, rngs=rngs)
@@ -157,14 +159,20 @@ class GPT2Block(nnx.Module):
         branch = self.mlp(self.ln_2(h))
         return h + dropout(branch, self.dropout_rate, keys[1], deterministic).astype(jnp.float32)
 
-    def __call__(self, h: Array, mask: Array | MaskPattern, *, deterministic: bool = True,
-                 key: Array | None = None) -> Array:
+    def __call__(self, h: Array, mask: Array | MaskPattern, *, q_rows: int | None = None,
+                 deterministic: bool = True, key: Array | None = None) -> Array:
         """h (B, L, D) float32, mask: a `MaskPattern` or bool (B|1, L, L) (causal, maybe ANDed
-        with the user's; full for the bidirectional variant) -> (B, L, D) float32."""
+        with the user's; full for the bidirectional variant) -> (B, L, D) float32. With
+        q_rows, only the first q_rows rows are queries and outputs (keys still cover all L
+        rows): returns (B, q_rows, D)."""
         k_attn, *keys = _split_keys(key, 3)
         q, k, v = self.attn.project(self.ln_1(h))
+        if q_rows is not None:
+            q, h = q[:, :q_rows], h[:, :q_rows]
+            if isinstance(mask, jax.Array):  # a pattern adapts to q's length itself
+                mask = mask[:, :q_rows]
         if deterministic or self.dropout_rate == 0.0:
-            o = attend(q, k, v, mask, backend=self.attention)
+            o = attend(q, k, v, mask, backend=self.attention, shard_axes=self.shard_axes)
         else:  # dropout on the probabilities needs them all: the dense path
             if isinstance(mask, MaskPattern):
                 mask = mask.dense(q.shape[1], k.shape[1])[None]
@@ -207,6 +215,7 @@ class GPT2(nnx.Module):
       scan_layers: the blocks as one stacked GPT2Block applied by `jax.lax.scan`, as `DiT`'s
         (same initial values, outputs and gradients; `models.layout` converts parameters).
       batch_axes: mesh axes of the batch, kept by the residual stream under a mesh, as `DiT`'s.
+      head_axes: mesh axes of the heads (with batch_axes, `splash`'s shard_map), as `DiT`'s.
       dtype: compute dtype of matmuls; params are `param_dtype`.
       rngs: parameter initialisation RNG (the ``params`` stream).
     """
@@ -215,8 +224,8 @@ class GPT2(nnx.Module):
                  n_positions: int, mlp_hidden: int | None = None, layer_norm_eps: float = 1e-5,
                  dropout: float = 0.0, remat: str = "none", causal: bool = True,
                  attention: str = "xla", scan_layers: bool = False,
-                 batch_axes: tuple[str, ...] = (), dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 batch_axes: tuple[str, ...] = (), head_axes: tuple[str, ...] = (),
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads:
             raise ValueError(f"GPT-2 width {width} must split into {heads} heads")
         if n_positions < 1:
@@ -227,6 +236,7 @@ class GPT2(nnx.Module):
         self.causal = causal
         self.attention = check_backend(attention)
         self.batch_axes = tuple(batch_axes)
+        shard_axes = (self.batch_axes, tuple(head_axes)) if batch_axes or head_axes else None
         self.head_dim = width // heads
         self.n_positions, self.mlp_hidden = n_positions, mlp_hidden or 4 * width
         self.layer_norm_eps, self.dropout, self.remat, self.dtype = (
@@ -236,8 +246,9 @@ class GPT2(nnx.Module):
         self.wpe = make_param(rngs, _normal(INIT_STD), (n_positions, width), (None, "embed"),
                               param_dtype)
         blocks = [GPT2Block(width, heads, self.mlp_hidden, depth=depth, eps=layer_norm_eps,
-                            dropout=dropout, attention=attention, dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs) for _ in range(depth)]
+                            dropout=dropout, attention=attention, shard_axes=shard_axes,
+                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  for _ in range(depth)]
         self.scan_layers = bool(scan_layers)
         # Stacked from N blocks built in order, so both layouts start from the same values.
         self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
@@ -275,22 +286,25 @@ class GPT2(nnx.Module):
                            self.wte[...].T.astype(self.dtype)).astype(jnp.float32)
 
     def _apply_block(self, block: GPT2Block, h: Array, mask: Array, *, deterministic: bool,
-                     key) -> Array:
+                     key, q_rows: int | None = None) -> Array:
         """`block(h, …)`, under `jax.checkpoint` with the configured remat policy."""
         if self.remat == "none":
-            return block(h, mask, deterministic=deterministic, key=key)
+            return block(h, mask, q_rows=q_rows, deterministic=deterministic, key=key)
         graphdef, params = nnx.split(block)
 
         def run(params, h, key):
-            return nnx.merge(graphdef, params)(h, mask, deterministic=deterministic, key=key)
+            return nnx.merge(graphdef, params)(h, mask, q_rows=q_rows,
+                                               deterministic=deterministic, key=key)
         return jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])(params, h, key)
 
     # -- forward ---------------------------------------------------------------------------------
 
     def features(self, tokens: Array, *, mask: Array | None = None,
                  positions: Array | None = None, deterministic: bool = True,
-                 rngs=None) -> Array:
-        """The final hidden states LN_f(h) (B, L, D) float32 (HF `last_hidden_state`)."""
+                 rngs=None, out_rows: int | None = None) -> Array:
+        """The final hidden states LN_f(h) (B, L, D) float32 (HF `last_hidden_state`). With
+        out_rows, the last layer computes only the first out_rows rows as queries (the
+        two-pass noisy half): (B, out_rows, D)."""
         B, L = tokens.shape
         self._check_positions(L, positions)
         mask = model_mask(mask, L, causal=self.causal)
@@ -310,10 +324,21 @@ class GPT2(nnx.Module):
             def step(block, h, k):
                 h = block(h, mask, deterministic=deterministic, key=k)
                 return constrain_batch(h, self.batch_axes), None
-            h, _ = scan_blocks(self.blocks, h, keys, step, remat=self.remat)
+            # with out_rows the last layer is peeled off the scan: it has fewer query rows
+            scanned = self.depth - (out_rows is not None)
+            if scanned:
+                h, _ = scan_blocks(self.blocks, h, None if keys is None else keys[:scanned],
+                                   step, remat=self.remat, layers=slice(0, scanned))
+            if out_rows is not None:
+                h = self._apply_block(layer_of(self.blocks, self.depth - 1), h, mask,
+                                      q_rows=out_rows, deterministic=deterministic,
+                                      key=None if keys is None else keys[-1])
+                h = constrain_batch(h, self.batch_axes)
         else:
-            for block, k in zip(self.blocks, keys):
-                h = self._apply_block(block, h, mask, deterministic=deterministic, key=k)
+            last = self.depth - 1
+            for i, (block, k) in enumerate(zip(self.blocks, keys)):
+                h = self._apply_block(block, h, mask, q_rows=out_rows if i == last else None,
+                                      deterministic=deterministic, key=k)
                 h = constrain_batch(h, self.batch_axes)
         return self.ln_f(h)
 
@@ -349,8 +374,8 @@ class GPT2(nnx.Module):
         half = jnp.arange(L, dtype=jnp.int32)
         h = self.features(jnp.concatenate([xt, x0], axis=1), mask=mask,
                           positions=jnp.concatenate([half, half])[None],
-                          deterministic=deterministic, rngs=rngs)
-        return self.logits(h[:, :L])
+                          deterministic=deterministic, rngs=rngs, out_rows=L)
+        return self.logits(h)
 
     # -- KV-cache decoding -----------------------------------------------------------------------
 

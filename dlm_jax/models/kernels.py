@@ -50,7 +50,8 @@ Array = jax.Array
 # these that divides a length is the default (512 is the usual TPU sweet spot).
 SPLASH_TILES = (512, 256, 128)
 # The mesh axes the default rules (`config.MeshConfig.rules`) shard the batch and heads over:
-# the shard_map around the kernel splits the same way, so nothing is resharded.
+# the shard_map around the kernel splits the same way unless the model passes its run's rules
+# (`shard_axes`), so nothing is resharded.
 _RULES = dict(MeshConfig().rules)
 BATCH_AXES = tuple(_RULES["batch"])
 HEAD_AXES = (_RULES["heads"],) if isinstance(_RULES["heads"], str) else tuple(_RULES["heads"])
@@ -106,10 +107,12 @@ def _splash_kernel(kind: str, block_size: int, heads: int, lq: int, lk: int, blo
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _mesh_spec(mesh, batch: int, heads: int) -> P | None:
+def _mesh_spec(mesh, batch: int, heads: int,
+               shard_axes: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> P | None:
     """The shard_map spec (B, L, H, Dh) under `mesh`, or None when nothing is sharded: the batch
-    over those of `BATCH_AXES` in the mesh (when their product divides B, else replicated), the
-    heads likewise over `HEAD_AXES`."""
+    over those of the batch axes in the mesh (when their product divides B, else replicated),
+    the heads likewise over the head axes. shard_axes: (batch axes, head axes); None: the
+    default rules' (`BATCH_AXES`, `HEAD_AXES`)."""
     def axes_for(names, size):
         axes = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1)
         if not axes or size % math.prod(mesh.shape[a] for a in axes):
@@ -117,12 +120,14 @@ def _mesh_spec(mesh, batch: int, heads: int) -> P | None:
         return axes if len(axes) > 1 else axes[0]
     if mesh.empty or mesh.size == 1:
         return None
-    b, h = axes_for(BATCH_AXES, batch), axes_for(HEAD_AXES, heads)
+    batch_axes, head_axes = shard_axes if shard_axes is not None else (BATCH_AXES, HEAD_AXES)
+    b, h = axes_for(batch_axes, batch), axes_for(head_axes, heads)
     return None if b is None and h is None else P(b, None, h, None)
 
 
 def splash_attention(q: Array, k: Array, v: Array, pattern: MaskPattern, *,
-                     interpret: bool | None = None, block_sizes=None) -> Array:
+                     interpret: bool | None = None, block_sizes=None,
+                     shard_axes: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> Array:
     """Attention with the JAX Pallas splash-attention kernel ("SPLASH: sparse flash attention",
     `jax.experimental.pallas.ops.tpu.splash_attention`), forward and its custom-VJP backward.
 
@@ -133,7 +138,8 @@ def splash_attention(q: Array, k: Array, v: Array, pattern: MaskPattern, *,
     interpret: run the kernel in the Pallas interpreter (None: iff not on a TPU; tests only, as
     `attention.check_backend` refuses splash off-TPU). Under a mesh (`jax.set_mesh`) with more
     than one device the kernel runs in a `jax.shard_map` — a Pallas call is opaque to GSPMD — with
-    the batch and heads split as the default mesh rules split them.
+    the batch and heads split over shard_axes = (batch axes, head axes): the run's mesh rules,
+    which the models pass; None: the default rules'.
     """
     if pattern.band is not None:
         from dlm_jax.models.flash import flash_attention
@@ -155,7 +161,7 @@ def splash_attention(q: Array, k: Array, v: Array, pattern: MaskPattern, *,
         o = jax.vmap(kernel)(heads_first(qs), heads_first(k), heads_first(v))
         return heads_first(o).astype(q.dtype)
 
-    spec = _mesh_spec(jax.sharding.get_abstract_mesh(), B, H)
+    spec = _mesh_spec(jax.sharding.get_abstract_mesh(), B, H, shard_axes)
     if spec is None:
         return run(q, k, v)
     # check_vma=False: the kernel's pallas_call declares no varying-mesh-axis types.

@@ -144,9 +144,10 @@ class DiTBlock(nnx.Module):
 
     def __init__(self, width: int, heads: int, cond_dim: int, *, mlp_ratio: int = 4,
                  dropout: float = 0.0, adaln: bool = True, attention: str = "xla",
+                 shard_axes: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dropout_rate = dropout
-        self.attention = attention
+        self.attention, self.shard_axes = attention, shard_axes
         self.norm1 = LayerNorm(width, param_dtype=param_dtype, rngs=rngs)
         self.attn = Attention(width, heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = LayerNorm(width, param_dtype=param_dtype, rngs=rngs)
@@ -196,7 +197,7 @@ class DiTBlock(nnx.Module):
             if mod is not None and mod.ndim == 4:  # per-token conditioning
                 mod = mod[:, :q_rows]
         q = apply_rotary(q, cos, sin)
-        o = attend(q, k, v, mask, backend=self.attention)
+        o = attend(q, k, v, mask, backend=self.attention, shard_axes=self.shard_axes)
         return self._residuals(h, self.attn.output(o), mod, deterministic=deterministic, key=key)
 
     def decode(self, h: Array, c: Array | None, k_cache: Array, v_cache: Array, cache_mask: Array,
@@ -288,6 +289,9 @@ class DiT(nnx.Module):
         others keep their names and initial values). σ = 0 or None is the plain model.
       batch_axes: the mesh axes the batch is split over (the "batch" rule of `mesh.rules`):
         under a mesh the residual stream keeps that layout (`layers.constrain_batch`); () none.
+      head_axes: the mesh axes the heads are split over (the "heads" rule). With batch_axes,
+        how a per-shard attention backend (`splash`) splits its shard_map; both () means the
+        default rules'.
       dtype: compute dtype of matmuls (e.g. jnp.bfloat16); params are `param_dtype` (float32).
       rngs: parameter initialisation RNG (only the ``params`` stream is used).
     """
@@ -299,6 +303,7 @@ class DiT(nnx.Module):
                  sigma_max_period: float = SIGMA_MAX_PERIOD, remat: str = "none",
                  attention: str = "xla", history_noise: bool = False,
                  scan_layers: bool = False, batch_axes: tuple[str, ...] = (),
+                 head_axes: tuple[str, ...] = (),
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even width")
@@ -314,6 +319,7 @@ class DiT(nnx.Module):
         self.remat = remat
         self.attention = check_backend(attention)
         self.batch_axes = tuple(batch_axes)
+        shard_axes = (self.batch_axes, tuple(head_axes)) if batch_axes or head_axes else None
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
@@ -321,7 +327,8 @@ class DiT(nnx.Module):
                                         max_period=sigma_max_period, param_dtype=param_dtype,
                                         rngs=rngs) if self.adaln else None)
         blocks = [DiTBlock(width, heads, cond_dim, mlp_ratio=mlp_ratio, dropout=dropout,
-                           adaln=self.adaln, attention=attention, **kw) for _ in range(depth)]
+                           adaln=self.adaln, attention=attention, shard_axes=shard_axes, **kw)
+                  for _ in range(depth)]
         self.scan_layers = bool(scan_layers)
         # Stacked from N blocks built in order, so both layouts start from the same values.
         self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
@@ -570,12 +577,13 @@ def model_dims(cfg: ModelConfig) -> dict[str, int]:
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool,
                 history_noise: bool = False, batch_axes: tuple[str, ...] = (),
-                rngs: nnx.Rngs) -> nnx.Module:
+                head_axes: tuple[str, ...] = (), rngs: nnx.Rngs) -> nnx.Module:
     """The DiT (causal: the AR variant), or with `arch="gpt2"` the `GPT2` (causal: the language
     model; otherwise its bidirectional variant, a masked-diffusion denoiser), described by the
     model section of a config (validated: `n_positions` resolved). history_noise: the DiT's
     noise-level input of noisy-history AR training (`diffusion.history_noise`); batch_axes: the
-    mesh axes of the batch, which the residual stream keeps under a mesh."""
+    mesh axes of the batch, which the residual stream keeps under a mesh; head_axes: those of
+    the heads (with batch_axes, how `splash` splits its shard_map)."""
     dims = model_dims(cfg)
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     if cfg.arch == "gpt2":
@@ -590,11 +598,12 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, causal: bool,
                     n_positions=cfg.n_positions, mlp_hidden=cfg.mlp_ratio * dims["width"],
                     layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout, remat=cfg.remat,
                     causal=causal, attention=cfg.attention, scan_layers=cfg.scan_layers,
-                    batch_axes=batch_axes, dtype=dtype, rngs=rngs)
+                    batch_axes=batch_axes, head_axes=head_axes, dtype=dtype, rngs=rngs)
     return DiT(vocab_size, dims["width"], dims["depth"], dims["heads"], cond_dim=dims["cond_dim"],
                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, causal=causal,
                time_conditioning=cfg.time_conditioning,
                token_conditioning=cfg.token_conditioning, sigma_features=cfg.sigma_features,
                sigma_max_period=cfg.sigma_max_period, remat=cfg.remat,
                attention=cfg.attention, history_noise=history_noise,
-               scan_layers=cfg.scan_layers, batch_axes=batch_axes, dtype=dtype, rngs=rngs)
+               scan_layers=cfg.scan_layers, batch_axes=batch_axes, head_axes=head_axes,
+               dtype=dtype, rngs=rngs)
