@@ -227,25 +227,29 @@ OUTPUT_LAYERS = ("final", "wte")
 QUERY_ROW_PARTS = ("out", "mlp")
 
 
-def matmul_params(params: dict, *, depth: int, per_token_sigma: bool) -> tuple[int, int]:
-    """(N, N_q) of a model's parameter tree for `Method.flops_per_token`.
+def matmul_params(params: dict, *, depth: int,
+                  per_token_sigma: bool) -> tuple[int, int, int]:
+    """(N, N_q, N_c) of a model's parameter tree for `Method.flops_per_token`.
 
     N: the weights every token's row is multiplied by in a forward: matrices only (biases and
     norm scales are elementwise), without the gathered input tables (`GATHER_TABLES`) and,
     unless σ is per token, without the σ conditioning (`CONDITIONING`: a per-sequence matmul).
     N_q: those of N a two-pass forward applies to its query (noisy) rows only — the output
-    layer and the last block's attention output and MLP. Either block layout (a list of
-    depth blocks, or stacked (depth, …) parameters) counts the same.
+    layer and the last block's attention output and MLP. N_c: the σ conditioning's share of
+    N (0 unless σ is per token). Either block layout (a list of depth blocks, or stacked
+    (depth, …) parameters) counts the same.
     """
-    n = n_q = 0
+    n = n_q = n_c = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [getattr(p, "key", getattr(p, "idx", p)) for p in path]
         size = math.prod(leaf.shape)
         elementwise = len(leaf.shape) < 2 or str(names[-1]).endswith("bias")
         if elementwise or names[0] in GATHER_TABLES:
             continue
-        if not per_token_sigma and any(name in CONDITIONING for name in names):
-            continue
+        if any(name in CONDITIONING for name in names):
+            if not per_token_sigma:
+                continue
+            n_c += size
         n += size
         if names[0] in OUTPUT_LAYERS:
             n_q += size
@@ -255,7 +259,7 @@ def matmul_params(params: dict, *, depth: int, per_token_sigma: bool) -> tuple[i
                 n_q += size // depth
             elif names[1] == depth - 1:
                 n_q += size
-    return n, n_q
+    return n, n_q, n_c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,11 +296,12 @@ class Experiment:
         dims = model_dims(model)
         per_token_sigma = (self.method.per_token_sigma and model.arch == "dit"
                            and model.time_conditioning and model.token_conditioning)
-        n, n_q = matmul_params(self.abstract_params, depth=dims["depth"],
-                               per_token_sigma=per_token_sigma)
+        n, n_q, n_c = matmul_params(self.abstract_params, depth=dims["depth"],
+                                    per_token_sigma=per_token_sigma)
         return self.method.flops_per_token(num_params=n, depth=dims["depth"],
                                            width=dims["width"], seq_len=self.cfg.data.seq_len,
-                                           attention=model.attention, query_params=n_q)
+                                           attention=model.attention, query_params=n_q,
+                                           conditioning_params=n_c)
 
     def dataset(self, split: str, *, global_batch: int, repeat: bool, shuffle: bool = True):
         """This host's grain pipeline for `split` (train / validation)."""

@@ -40,7 +40,9 @@ import tiny  # noqa: E402
 
 
 def _experiment(arg, **model):
-    cfg = tiny.get_config(arg)
+    """A tiny experiment from configs/tiny.py's `arg` (or a Config) with model fields set, and
+    its model with O(1) random parameters."""
+    cfg = tiny.get_config(arg) if isinstance(arg, str) else arg
     cfg.mesh.shape = (1, 1, 1)
     for k, v in model.items():
         setattr(cfg.model, k, v)
@@ -278,6 +280,9 @@ def test_method_flops_count_their_pattern(family, kind, backend):
     ("bd3lm,block=8", {"scan_layers": True}, 0.03),         # stacked block parameters
     ("mdlm", {"arch": "gpt2"}, 1e-9),
     ("bd3lm,block=8", {"arch": "gpt2"}, 1e-9),
+    ("mdlm", {"ar_weight": 0.5}, 0.03),                      # joint: + a causal pass
+    ("bd3lm,block=8", {"ar_weight": 0.5, "time_conditioning": True}, 0.03),
+    ("bd3lm,block=8", {"ar_weight": 0.5, "arch": "gpt2"}, 1e-9),
 ])
 def test_experiment_flops_equal_the_training_graph(arg, model, rtol):
     """`Experiment.flops_per_token` × tokens against every dot in the graph of the training
@@ -286,7 +291,13 @@ def test_experiment_flops_equal_the_training_graph(arg, model, rtol):
     matmul, and a two-pass forward runs the output layer and the last block's query-side
     matmuls on the noisy rows only (counted as all 2L rows before: 1.36× the graph for MDLM
     here, 1.66× for BD3-LM)."""
-    exp, net = _experiment(arg, attention="dense", dropout=0.0, **model)
+    model = dict(model)
+    if "ar_weight" in model:  # joint AR + diffusion training (`registry.apply_adaptation`)
+        cfg = registry.apply_adaptation(tiny.get_config(arg), ar_weight=model.pop("ar_weight"))
+        exp, net = _experiment(cfg, attention="dense", dropout=0.0, **model)
+        assert exp.method.ar_weight == 0.5
+    else:
+        exp, net = _experiment(arg, attention="dense", dropout=0.0, **model)
     B, L = 4, exp.cfg.data.seq_len
     params = nnx.to_pure_dict(nnx.split(net)[1])
     batch = {"tokens": jax.random.randint(jax.random.key(0), (B, L), 0, exp.token_vocab)}
@@ -308,10 +319,10 @@ def test_matmul_params_leave_out_tables_biases_and_per_sequence_conditioning():
     assert len(params["blocks"]) == depth  # the unrolled layout: one subtree per block
     assert registry.matmul_params(params, depth=depth, per_token_sigma=False) == (
         depth * per_block + head,
-        head + per_block - size("blocks", 0, "attn", "qkv"))
+        head + per_block - size("blocks", 0, "attn", "qkv"), 0)
     conditioning = (depth * size("blocks", 0, "adaln", "kernel") + size("final", "adaln", "kernel")
                     + size("sigma_map", "fc1", "kernel") + size("sigma_map", "fc2", "kernel"))
-    n, n_q = registry.matmul_params(params, depth=depth, per_token_sigma=True)
-    assert (n, n_q) == (depth * per_block + head + conditioning,
-                        head + size("final", "adaln", "kernel") + per_block
-                        - size("blocks", 0, "attn", "qkv"))
+    assert registry.matmul_params(params, depth=depth, per_token_sigma=True) == (
+        depth * per_block + head + conditioning,
+        head + size("final", "adaln", "kernel") + per_block - size("blocks", 0, "attn", "qkv"),
+        conditioning)

@@ -100,6 +100,6 @@ class Autoregressive(Method):
                             commit_full, max_tokens=length)
 
     def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla",
-                        query_params=0):
+                        query_params=0, conditioning_params=0):
         # Dense scores every key under the causal mask; flash skips the tiles above the diagonal.
         return 6.0 * num_params + pattern_attention_flops(depth, width, CAUSAL, seq_len, attention)

@@ -199,11 +199,13 @@ class Method:
                           f"(objective {exp.cfg.diffusion.objective!r})")
 
     def flops_per_token(self, *, num_params: int, depth: int, width: int, seq_len: int,
-                        attention: str = "xla", query_params: int = 0) -> float:
+                        attention: str = "xla", query_params: int = 0,
+                        conditioning_params: int = 0) -> float:
         """6·N for the matmuls (forward + backward) plus the bidirectional attention that
         backend `attention` computes. num_params: N, the weights every token's row is
         multiplied by (`registry.matmul_params`); query_params: those of N a two-pass forward
-        applies to its query rows only (used by the two-pass families)."""
+        applies to its query rows only; conditioning_params: the per-token σ conditioning's
+        share of N, which a pass at one σ per sequence does not run per row."""
         return 6.0 * num_params + pattern_attention_flops(depth, width, FULL, seq_len, attention)
 
     @property
@@ -454,13 +456,18 @@ class ContinuousTime(Method):
         return self.blocks
 
     def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla",
-                        query_params=0):
+                        query_params=0, conditioning_params=0):
+        # joint training: one more pass, causal, at σ = 0 per sequence
+        joint = 0.0 if not self.ar_weight else (
+            6.0 * (num_params - conditioning_params)
+            + pattern_attention_flops(depth, width, CAUSAL, seq_len, attention))
         if not self.blocks:
-            return super().flops_per_token(num_params=num_params, depth=depth, width=width,
-                                           seq_len=seq_len, attention=attention)
+            return joint + super().flops_per_token(num_params=num_params, depth=depth,
+                                                   width=width, seq_len=seq_len,
+                                                   attention=attention)
         # Two-pass input of 2L rows (matmuls twice) under the two-pass mask; the last layer
         # and the output layer compute the L noisy query rows only.
         pattern = MaskPattern("two_pass", self.block_size)
-        return (12.0 * num_params - 6.0 * query_params
-                + pattern_attention_flops(depth, width, pattern, seq_len, attention,
-                                          last_queries=seq_len))
+        return joint + (12.0 * num_params - 6.0 * query_params
+                        + pattern_attention_flops(depth, width, pattern, seq_len, attention,
+                                                  last_queries=seq_len))

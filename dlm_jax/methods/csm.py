@@ -92,8 +92,9 @@ class ConcreteScoreMatching(Method):
         return Denoiser("concrete_score", lambda x: jnp.expm1(raw(x)))
 
     def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla",
-                        query_params=0):
+                        query_params=0, conditioning_params=0):
         calls = 1 + seq_len * self.num_states if self.estimator == "exact" else 2
         return calls * super().flops_per_token(num_params=num_params, depth=depth, width=width,
                                                seq_len=seq_len, attention=attention,
-                                               query_params=query_params)
+                                               query_params=query_params,
+                                               conditioning_params=conditioning_params)

@@ -107,7 +107,8 @@ class ContinuousTimeELBO(Method):
         return Denoiser("x0_probs", lambda xt, sigma_bar: self.x0_probs(model(xt, sigma_bar), xt))
 
     def flops_per_token(self, *, num_params, depth, width, seq_len, attention="xla",
-                        query_params=0):
+                        query_params=0, conditioning_params=0):
         return 2 * super().flops_per_token(num_params=num_params, depth=depth, width=width,
                                            seq_len=seq_len, attention=attention,
-                                           query_params=query_params)
+                                           query_params=query_params,
+                                           conditioning_params=conditioning_params)
