@@ -39,18 +39,21 @@ from dlm_jax.models.attention import MaskPattern
 
 Array = jax.Array
 
-# Default tiles (`default_blocks`), from fwd+bwd timings on CPU at B 2, H 4, Dh 64: 128 × 128
-# up to 2048 keys (two-pass at L 1024 ran 1.4× slower with 256 × 512 while its noisy block
-# diagonal was still tiled), 256 × 512 beyond (full at L 4096 ran 1.2× faster than with
-# 128 × 128; causal and two-pass were equal).
-BLOCK_Q, BLOCK_K = 128, 128
-LONG_KEYS = 2048
+# Default tiles (`default_blocks`) by the keys the tiles cover (a two-pass pattern's clean half
+# once its noisy diagonal is computed densely), from fwd+bwd timings on a 2-core AMD EPYC
+# (B 2, H 4, Dh 64, interleaved): 256 × 256 up to 1024 keys (against 128 × 128: 1.11–1.26×
+# faster at L 1024 for every pattern, 1.09–1.51× at L 256 but two-pass 0.97×, equal at 512),
+# 256 × 512 beyond (full attention at L 2048 1.51× faster than 128 × 128, 1.13× than
+# 256 × 256; at L 4096 1.2× faster than 128 × 128 on an Intel Xeon).
+BLOCK_Q, BLOCK_K = 256, 256
+LONG_KEYS = 1024
 LONG_BLOCK_Q, LONG_BLOCK_K = 256, 512
 _NEG = -1e30  # masked score: finite, so a row whose first tiles are all masked stays nan-free
 
 
 def default_blocks(lq: int, lk: int) -> tuple[int, int]:
-    """(tq, tk): the tile sizes `flash_attention` uses when none are given."""
+    """(tq, tk): the tile sizes `flash_attention` uses when none are given, for lq queries and
+    lk keys covered by tiles."""
     tq, tk = (BLOCK_Q, BLOCK_K) if lk <= LONG_KEYS else (LONG_BLOCK_Q, LONG_BLOCK_K)
     return min(lq, tq), min(lk, tk)
 
@@ -84,7 +87,9 @@ def flash_plan(pattern: MaskPattern, lq: int, lk: int, block_q: int | None = Non
                block_k: int | None = None) -> FlashPlan:
     """The `FlashPlan` for queries 0…lq−1 of lk keys, tiles `default_blocks` unless given.
     Static: the band is ignored (it only removes entries inside tiles)."""
-    tq, tk = _blocks(lq, lk, block_q, block_k)
+    # a two-pass pattern's tiles cover its clean half (blocks smaller than a tile, below)
+    covered = lk - pattern.stream_length(lk) if pattern.kind == "two_pass" else lk
+    tq, tk = _blocks(lq, covered, block_q, block_k)
     key_start = diagonal = 0
     if pattern.kind == "two_pass" and pattern.block_size < tk:
         key_start, diagonal = pattern.stream_length(lk), pattern.block_size
