@@ -201,17 +201,12 @@ def build_tokenizer(cfg: Config):
 # The experiment
 # ---------------------------------------------------------------------------------------------
 
-def _rule_axes(cfg: Config, name: str) -> tuple[str, ...]:
-    """The mesh axes `cfg.mesh.rules` maps logical axis `name` to (a tuple, maybe empty)."""
-    axes = dict(cfg.mesh.rules).get(name) or ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def _new_model(cfg: Config, method: Method, token_vocab: int, seed: int) -> DiT:
+    rules = dict(cfg.mesh.rules)
     return build_model(cfg.model, vocab_size=method.model_vocab(token_vocab),
                        causal=method.causal, history_noise=bool(cfg.diffusion.history_noise),
-                       batch_axes=_rule_axes(cfg, "batch"), head_axes=_rule_axes(cfg, "heads"),
-                       rngs=nnx.Rngs(seed))
+                       batch_axes=sharding.mesh_axes_for("batch", rules),
+                       head_axes=sharding.mesh_axes_for("heads", rules), rngs=nnx.Rngs(seed))
 
 
 # Parameter subtrees read by a lookup, not a matmul: the DiT's token embedding and GPT-2's

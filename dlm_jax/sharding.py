@@ -48,7 +48,9 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
                          devices=devices)
 
 
-def _mesh_axes_for(name, rules: dict) -> tuple[str, ...]:
+def mesh_axes_for(name, rules: dict) -> tuple[str, ...]:
+    """The mesh axes `rules` (a dict of `MeshConfig.rules`) maps logical axis `name` to: a
+    tuple, empty for None or an unmapped name."""
     if name is None:
         return ()
     axes = rules.get(name)
@@ -67,7 +69,7 @@ def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh, rules) -> P:
     used: set[str] = set()
     spec = []
     for name, size in zip(names, shape):
-        axes = tuple(a for a in _mesh_axes_for(name, rules) if a not in used and mesh.shape[a] > 1)
+        axes = tuple(a for a in mesh_axes_for(name, rules) if a not in used and mesh.shape[a] > 1)
         if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
             used.update(axes)
             spec.append(axes[0] if len(axes) == 1 else axes)
@@ -88,11 +90,11 @@ def param_shardings(abstract_state: nnx.State, mesh, rules) -> Any:
 
 def batch_sharding(mesh, rules) -> NamedSharding:
     """Sharding of a (batch, ...) array: batch split over the rule for "batch"."""
-    axes = tuple(a for a in _mesh_axes_for("batch", dict(rules)) if a in mesh.shape)
+    axes = tuple(a for a in mesh_axes_for("batch", dict(rules)) if a in mesh.shape)
     return NamedSharding(mesh, P(axes if len(axes) > 1 else (axes[0] if axes else None)))
 
 
 def batch_divisor(mesh, rules) -> int:
     """The number of shards of the batch dimension; global batch sizes must be multiples."""
-    axes = tuple(a for a in _mesh_axes_for("batch", dict(rules)) if a in mesh.shape)
+    axes = tuple(a for a in mesh_axes_for("batch", dict(rules)) if a in mesh.shape)
     return math.prod(mesh.shape[a] for a in axes) if axes else 1

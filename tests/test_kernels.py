@@ -18,6 +18,7 @@ from dlm_jax import registry
 from dlm_jax.config import ConfigError
 from dlm_jax.models import flash, kernels
 from dlm_jax.models.attention import MaskPattern, attend, check_backend, dense_attention
+from dlm_jax.sharding import mesh_axes_for
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import tiny  # noqa: E402
@@ -197,8 +198,11 @@ def test_models_split_splash_as_the_run_rules_do(monkeypatch):
     cfg = tiny.get_config("bd3lm,block=16")
     cfg.mesh.rules = tuple((name, "data" if name == "batch" else None if name == "heads" else rule)
                            for name, rule in cfg.mesh.rules)
-    assert (registry._rule_axes(cfg, "batch"), registry._rule_axes(cfg, "heads")) == (
-        ("data",), ())
+    rules = dict(cfg.mesh.rules)
+    batch_axes, head_axes = mesh_axes_for("batch", rules), mesh_axes_for("heads", rules)
+    assert (batch_axes, head_axes) == (("data",), ())
+    # the registry builds the run's model with those rules (splash itself is refused off-TPU)
+    assert registry.build(cfg).new_model(0).blocks[0].shard_axes == (("data",), ())
     specs = []
     mesh_spec = kernels._mesh_spec
     monkeypatch.setattr(kernels, "_mesh_spec",
@@ -207,8 +211,7 @@ def test_models_split_splash_as_the_run_rules_do(monkeypatch):
     def model(attention):
         cfg.model.attention = attention
         return build_model(cfg.model, vocab_size=9, causal=False,
-                           batch_axes=registry._rule_axes(cfg, "batch"),
-                           head_axes=registry._rule_axes(cfg, "heads"), rngs=nnx.Rngs(0))
+                           batch_axes=batch_axes, head_axes=head_axes, rngs=nnx.Rngs(0))
     splash, dense = model("splash"), model("dense")
     assert splash.blocks[0].shard_axes == (("data",), ())
     length = 128

@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from dlm_jax.config import MeshConfig
 from dlm_jax.models.attention import MaskPattern
+from dlm_jax.sharding import mesh_axes_for
 
 Array = jax.Array
 
@@ -52,9 +53,8 @@ SPLASH_TILES = (512, 256, 128)
 # The mesh axes the default rules (`config.MeshConfig.rules`) shard the batch and heads over:
 # the shard_map around the kernel splits the same way unless the model passes its run's rules
 # (`shard_axes`), so nothing is resharded.
-_RULES = dict(MeshConfig().rules)
-BATCH_AXES = tuple(_RULES["batch"])
-HEAD_AXES = (_RULES["heads"],) if isinstance(_RULES["heads"], str) else tuple(_RULES["heads"])
+BATCH_AXES = mesh_axes_for("batch", dict(MeshConfig().rules))
+HEAD_AXES = mesh_axes_for("heads", dict(MeshConfig().rules))
 
 
 # ---------------------------------------------------------------------------------------------
