@@ -289,8 +289,9 @@ class Experiment:
         the weights each token's row is multiplied by (`matmul_params`)."""
         model = self.cfg.model
         dims = model_dims(model)
-        per_token_sigma = (self.method.per_token_sigma and model.arch == "dit"
-                           and model.time_conditioning and model.token_conditioning)
+        # as the DiT conditions (GPT-2 has no σ conditioning, and refuses time_conditioning)
+        per_token_sigma = (self.method.per_token_sigma and model.time_conditioning
+                           and model.token_conditioning)
         n, n_q, n_c = matmul_params(self.abstract_params, depth=dims["depth"],
                                     per_token_sigma=per_token_sigma)
         return self.method.flops_per_token(num_params=n, depth=dims["depth"],

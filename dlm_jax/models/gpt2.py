@@ -48,8 +48,8 @@ from dlm_jax.models.cache import KVCache
 from dlm_jax.models.layers import (LayerNorm, attend_with_prefix, constrain_batch, dropout,
                                    dropout_key, make_param, matmul_rows, zeros)
 from dlm_jax.models.layout import stack_layers, stack_modules, unstack_layers
-from dlm_jax.models.transformer import (REMAT_POLICIES, _split_keys, layer_keys, layer_of,
-                                       scan_blocks)
+from dlm_jax.models.transformer import (REMAT_POLICIES, _split_keys, layer_keys, scan_blocks,
+                                       scan_blocks_then_last)
 
 Array = jax.Array
 
@@ -324,16 +324,15 @@ class GPT2(nnx.Module):
             def step(block, h, k):
                 h = block(h, mask, deterministic=deterministic, key=k)
                 return constrain_batch(h, self.batch_axes), None
-            # with out_rows the last layer is peeled off the scan: it has fewer query rows
-            scanned = self.depth - (out_rows is not None)
-            if scanned:
-                h, _ = scan_blocks(self.blocks, h, None if keys is None else keys[:scanned],
-                                   step, remat=self.remat, layers=slice(0, scanned))
-            if out_rows is not None:
-                h = self._apply_block(layer_of(self.blocks, self.depth - 1), h, mask,
-                                      q_rows=out_rows, deterministic=deterministic,
-                                      key=None if keys is None else keys[-1])
-                h = constrain_batch(h, self.batch_axes)
+            if out_rows is None:
+                h, _ = scan_blocks(self.blocks, h, keys, step, remat=self.remat)
+            else:  # the last layer has fewer query rows: peeled off the scan
+                def last(block, h, k):
+                    h = self._apply_block(block, h, mask, q_rows=out_rows,
+                                          deterministic=deterministic, key=k)
+                    return constrain_batch(h, self.batch_axes)
+                h = scan_blocks_then_last(self.blocks, h, keys, step, last, depth=self.depth,
+                                          remat=self.remat)
         else:
             last = self.depth - 1
             for i, (block, k) in enumerate(zip(self.blocks, keys)):

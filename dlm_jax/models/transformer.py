@@ -135,6 +135,18 @@ def scan_blocks(blocks: nnx.Module, carry, xs, step, *, remat: str = "none",
     return jax.lax.scan(lambda c, px: layer(px[0], c, px[1]), carry, (params, xs))
 
 
+def scan_blocks_then_last(blocks: nnx.Module, h, keys, step, last, *, depth: int,
+                          remat: str = "none"):
+    """`scan_blocks` over layers 0…depth−2 of a stacked block module, then the last layer
+    applied on its own, ``h = last(block, h, key)`` (e.g. with fewer query rows: the two-pass
+    forward). keys: per-layer keys with leading axis depth, or None. Returns h."""
+    scanned = depth - 1
+    if scanned:
+        h, _ = scan_blocks(blocks, h, None if keys is None else keys[:scanned], step,
+                           remat=remat, layers=slice(0, scanned))
+    return last(layer_of(blocks, depth - 1), h, None if keys is None else keys[-1])
+
+
 class DiTBlock(nnx.Module):
     """Pre-norm transformer block with adaLN(-zero) modulation (or none, for the AR variant).
 
@@ -429,21 +441,19 @@ class DiT(nnx.Module):
         layer computes only out_rows query rows, so it is peeled off the scan and applied on
         its own: returns (B, out_rows, D), else (B, L, D)."""
         keys = layer_keys(key, self.depth)
-        scanned = self.depth - (out_rows is not None)
 
         def step(block, h, k):
             h = block(h, c, cos, sin, mask, deterministic=deterministic, key=k)
             return constrain_batch(h, self.batch_axes), None
-        if scanned:
-            h, _ = scan_blocks(self.blocks, h,
-                               None if keys is None else keys[:scanned], step,
-                               remat=self.remat, layers=slice(0, scanned))
-        if out_rows is not None:
-            h = self._apply_block(layer_of(self.blocks, self.depth - 1), h, c, cos, sin, mask,
-                                  q_rows=out_rows, deterministic=deterministic,
-                                  key=None if keys is None else keys[-1])
-            h = constrain_batch(h, self.batch_axes)
-        return h
+        if out_rows is None:
+            return scan_blocks(self.blocks, h, keys, step, remat=self.remat)[0]
+
+        def last(block, h, k):
+            h = self._apply_block(block, h, c, cos, sin, mask, q_rows=out_rows,
+                                  deterministic=deterministic, key=k)
+            return constrain_batch(h, self.batch_axes)
+        return scan_blocks_then_last(self.blocks, h, keys, step, last, depth=self.depth,
+                                     remat=self.remat)
 
     def _apply_block(self, block: DiTBlock, h: Array, c, cos, sin, mask, *, q_rows,
                      deterministic: bool, key) -> Array:
