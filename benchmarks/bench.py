@@ -60,27 +60,60 @@ CASES = {
 }
 FAMILIES = tuple(CASES)
 
-# The PyTorch reference (kuleshov-group/bd3lms @ 1c3e8f4, torch 2.13 CPU, 2 threads), measured on
-# an AMD Zen 3 VM of 2 vCPUs (2026-11-22), pooled over 3 passes, dropout 0.1, no clip/EMA. tok/s
-# median (min, max); GFLOP/step is their own count (matmuls + dense attention). Ratios against it
-# mean something only when this benchmark runs on that CPU model (`REFERENCE["cpu"]`).
-REFERENCE = {
-    "source": "kuleshov-group/bd3lms @ 1c3e8f4, measured on the project's Zen 3 VM, 2026-11-22",
-    "cpu": "AMD EPYC (Zen 3), 2 vCPUs",
-    "cpu_family_model": ("25", "1"),
-    "peak_matmul_gflops": 113.5,   # 2048² f32 torch.mm, pooled median at the start of each pass
-    "dropout": 0.1,
-    "families": {
-        "mdlm": {"tokens_per_s": 3038.0, "min": 2107.0, "max": 3983.0, "step_s": 0.6741,
-                 "gflop_per_step": 46.0},
-        "bd3lm": {"tokens_per_s": 1304.0, "min": 910.0, "max": 1651.0, "step_s": 1.5705,
-                  "gflop_per_step": 104.7},
-        "ar": {"tokens_per_s": 2763.0, "min": 2172.0, "max": 3721.0, "step_s": 0.7413,
-               "gflop_per_step": 45.9},
-    },
-    # SEDD and D3PM have no reference row; the MDLM row (same DiT over L tokens) stands in.
-    "proxy": {"sedd": "mdlm", "d3pm": "mdlm"},
-}
+# The PyTorch reference (kuleshov-group/bd3lms @ 1c3e8f4, torch CPU, 2 threads) at the bench size
+# (width 256, depth 4, 4 heads, byte vocabulary + mask, AdamW, dropout 0.1, no clip/EMA, BD3-LM
+# block 16), one entry per CPU model it was measured on. Its speed differs about 2× between CPU
+# models, so a ratio means something only against the entry for the CPU this benchmark runs on
+# (`reference_for`). Rows: tok/s median (min, max where pooled), s/step and, where recorded, the
+# reference's own GFLOP/step count (matmuls + dense attention).
+REFERENCES = (
+    {"source": "kuleshov-group/bd3lms @ 1c3e8f4 (torch 2.13), 3 pooled passes on the project's "
+               "Zen 3 VM, 2026-11-22",
+     "cpu": "AMD EPYC (Zen 3), 2 vCPUs", "cpu_family_model": ("25", "1"),
+     "peak_matmul_gflops": 113.5,   # 2048² f32 torch.mm, pooled median at the start of each pass
+     "dropout": 0.1,
+     "rows": [
+         {"family": "mdlm", "seq_len": 256, "batch": 8, "tokens_per_s": 3038.0, "min": 2107.0,
+          "max": 3983.0, "step_s": 0.6741, "gflop_per_step": 46.0},
+         {"family": "bd3lm", "seq_len": 256, "batch": 8, "tokens_per_s": 1304.0, "min": 910.0,
+          "max": 1651.0, "step_s": 1.5705, "gflop_per_step": 104.7},
+         {"family": "ar", "seq_len": 256, "batch": 8, "tokens_per_s": 2763.0, "min": 2172.0,
+          "max": 3721.0, "step_s": 0.7413, "gflop_per_step": 45.9}]},
+    {"source": "kuleshov-group/bd3lms @ 1c3e8f4 (torch 2.13), interleaved with dlm_jax over 3 "
+               "rounds on the project's Zen 5 VM, 2026-12-01",
+     "cpu": "AMD EPYC (Zen 5), 2 vCPUs", "cpu_family_model": ("26", "2"),
+     "peak_matmul_gflops": 210.0,   # 2048² f32 torch.mm in the same process before each case
+     "dropout": 0.1,
+     "rows": [
+         {"family": "mdlm", "seq_len": 256, "batch": 8, "tokens_per_s": 6472.0, "step_s": 0.316},
+         {"family": "bd3lm", "seq_len": 256, "batch": 8, "tokens_per_s": 2833.0, "step_s": 0.723},
+         {"family": "ar", "seq_len": 256, "batch": 8, "tokens_per_s": 6599.0, "step_s": 0.310},
+         {"family": "sedd", "seq_len": 256, "batch": 8, "tokens_per_s": 6402.0, "step_s": 0.320},
+         {"family": "mdlm", "seq_len": 1024, "batch": 2, "tokens_per_s": 4679.0, "step_s": 0.438},
+         {"family": "ar", "seq_len": 1024, "batch": 2, "tokens_per_s": 5273.0, "step_s": 0.388},
+         {"family": "bd3lm", "seq_len": 1024, "batch": 2, "tokens_per_s": 1680.0,
+          "step_s": 1.219}]},
+)
+# A family without its own row is compared with this one's (the same DiT over L tokens).
+REFERENCE_PROXY = {"sedd": "mdlm", "d3pm": "mdlm"}
+REFERENCE_BLOCK = 16   # BD3-LM's block size in every reference row
+
+
+def reference_for(cpu_family_model) -> dict | None:
+    """The reference entry measured on this CPU model ((family, model) strings), else None."""
+    fm = tuple(cpu_family_model) if cpu_family_model else None
+    return next((r for r in REFERENCES if tuple(r["cpu_family_model"]) == fm), None)
+
+
+def reference_row(ref: dict | None, family: str, seq_len: int, batch: int) -> dict | None:
+    """`ref`'s row for `family` at (seq_len, batch) — its own, else its proxy's — with
+    "reference_family" naming whose it is; None where the reference has neither."""
+    for fam in (family, REFERENCE_PROXY.get(family)):
+        for row in (ref or {}).get("rows", ()):
+            if (row["family"], row["seq_len"], row["batch"]) == (fam, seq_len, batch):
+                return dict(row, reference_family=fam)
+    return None
+
 
 SIZES = {
     # size: (model preset, default L, default batch, default block)
@@ -286,18 +319,30 @@ class Case:
         }
 
 
-def _ratios(summary: dict, family: str, peak_gflops: float) -> dict:
-    ref_fam = family if family in REFERENCE["families"] else REFERENCE["proxy"].get(family)
-    if ref_fam is None:
-        return {}
-    ref = REFERENCE["families"][ref_fam]
+def comparable_reference(cpu_family_model, size: str, seq_len: int, batch: int, block: int,
+                         families) -> dict | None:
+    """The reference entry whose rows a run of `families` can be compared with: measured on this
+    CPU model, at the bench size, BD3-LM's block and an (L, batch) it has rows for; else None."""
+    ref = reference_for(cpu_family_model)
+    if ref is None or size != "bench" or block != REFERENCE_BLOCK:
+        return None
+    return ref if any(reference_row(ref, f, seq_len, batch) for f in families) else None
+
+
+def _ratios(summary: dict, ref: dict, row: dict, peak_gflops: float) -> dict:
+    """Ours against the reference row `row` of entry `ref`: raw tokens/s and normalised by each
+    side's matmul peak (ours measured in this run, theirs in the reference's)."""
     ours = summary["tokens_per_s"]
-    norm = (ours / peak_gflops) / (ref["tokens_per_s"] / REFERENCE["peak_matmul_gflops"])
-    return {"reference_family": ref_fam, "reference_tokens_per_s": ref["tokens_per_s"],
-            "ratio_tokens_per_s": ours / ref["tokens_per_s"],
-            "ratio_peak_normalised": norm,
-            "reference_mfu_own_count": ref["gflop_per_step"] * ref["tokens_per_s"] / 2048.0
-            / REFERENCE["peak_matmul_gflops"]}
+    out = {"reference_family": row["reference_family"],
+           "reference_tokens_per_s": row["tokens_per_s"],
+           "ratio_tokens_per_s": ours / row["tokens_per_s"],
+           "ratio_peak_normalised": (ours / peak_gflops)
+           / (row["tokens_per_s"] / ref["peak_matmul_gflops"])}
+    if "gflop_per_step" in row:
+        out["reference_mfu_own_count"] = (row["gflop_per_step"] * row["tokens_per_s"]
+                                          / (row["seq_len"] * row["batch"])
+                                          / ref["peak_matmul_gflops"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +368,15 @@ def run_train(args) -> dict:
             raise SystemExit(f"unknown family {f!r}; choose from {','.join(FAMILIES)}")
     extras = [e for e in args.extra.split(",") if e]
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
+    _, L0, B0, blk0 = SIZES[args.size]
+    seq_len, batch = args.seq_len or L0, args.batch or B0
+    ref = comparable_reference(_cpu_family_model(), args.size, seq_len, batch,
+                               args.block or blk0, families)
+    comparable = ref is not None
+    if comparable and "dropout" not in extras:
+        extras.append("dropout")
+        log(f"reference rows exist for {ref['cpu']}: adding rows at its dropout "
+            f"{ref['dropout']} (--extra dropout)")
     result = {"kind": "train", "machine": machine_info(),
               "settings": {"size": args.size, "families": families, "extra": extras,
                            "steps_per_pass": args.steps, "passes": args.passes,
@@ -355,24 +409,23 @@ def run_train(args) -> dict:
             "numpy_gflops": float(np.median([pk["numpy_gflops"] for pk in peaks])),
             "measurements": peaks}
         result["cases"] = {}
-        # The reference was measured on one CPU model (family 25 model 1): elsewhere no ratio.
-        comparable = (_cpu_family_model() == REFERENCE["cpu_family_model"]
-                      and args.size == "bench" and (args.seq_len or 256) == 256
-                      and (args.batch or 8) == 8 and (args.block or 16) == 16)
         result["comparable_to_reference"] = comparable
         for case in cases:
             s = case.summary(peak_gflops * 1e9)
-            if comparable:  # the reference exists for the bench size only
-                s.update(_ratios(s, case.family, peak_gflops))
+            row = reference_row(ref, case.family, seq_len, batch)
+            if comparable and row and s["dropout"] == ref["dropout"] and not s["clip_ema"] \
+                    and case.cfg.model.remat == "none":
+                s.update(_ratios(s, ref, row, peak_gflops))
             result["cases"][case.name] = s
             case.trainer.close()
-    result["reference"] = REFERENCE
+    result["reference"] = ref
     mdlm = result["cases"].get("mdlm")
     bd3 = result["cases"].get("bd3lm")
     if mdlm and bd3:
         result["bd3lm_over_mdlm_step_time"] = bd3["step_s"]["median"] / mdlm["step_s"]["median"]
-        result["reference_bd3lm_over_mdlm_step_time"] = (
-            REFERENCE["families"]["bd3lm"]["step_s"] / REFERENCE["families"]["mdlm"]["step_s"])
+        rows = [reference_row(ref, f, seq_len, batch) for f in ("bd3lm", "mdlm")]
+        if all(r and r["reference_family"] == f for r, f in zip(rows, ("bd3lm", "mdlm"))):
+            result["reference_bd3lm_over_mdlm_step_time"] = rows[0]["step_s"] / rows[1]["step_s"]
     result["table"] = markdown_table(result)
     return result
 
@@ -381,7 +434,10 @@ def markdown_table(result: dict) -> str:
     pk = result["peak"]
     lines = [f"peak 2048² f32 matmul: jax {pk['jax_gflops']:.1f} GFLOP/s (median; "
              f"{pk['jax_gflops_min']:.1f}–{pk['jax_gflops_max']:.1f}), numpy "
-             f"{pk['numpy_gflops']:.1f}; reference torch.mm {REFERENCE['peak_matmul_gflops']}",
+             f"{pk['numpy_gflops']:.1f}"
+             + (f"; reference torch.mm {result['reference']['peak_matmul_gflops']} on "
+                f"{result['reference']['cpu']}" if result.get("reference") else
+                "; no reference figures for this CPU model"),
              "",
              "| case | params | s/step median (min–max) | tok/s median (min–max) | GFLOP/step | "
              "GFLOP/s | MFU | compile s | reference tok/s | ours/ref | ours/ref (peak-norm.) |",

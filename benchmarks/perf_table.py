@@ -20,7 +20,9 @@ together are compared):
      TPU / cudnn on GPU): the speed-up over dense masked attention.
 `--quick`: training at L 256 with the xla backend only, 2 timed steps × 2 passes; one sampler
 per family at L 64; attention at L 256 — a few minutes on a 2-core CPU. Ratios to the PyTorch
-reference are shown only when the CPU model is the one it was measured on (`bench.REFERENCE`).
+reference are shown only on a CPU model it was measured on (`bench.REFERENCES`), for the
+families and (L, batch) it has rows for, against twins of our rows run at its dropout (0.1),
+interleaved with the rest of their group.
 """
 from __future__ import annotations
 
@@ -63,17 +65,24 @@ def platform_settings(backend: str) -> dict:
             "attention_backends": ("dense", "xla") + extra}
 
 
-def train_groups(quick: bool, small_batch: int) -> list[dict]:
+def train_groups(quick: bool, small_batch: int, reference: dict | None = None) -> list[dict]:
     """The training groups: families interleaved within each; `backends` per family (the
     xla/dense twins at L 1024, where flash skips the most tiles); `max_steps` caps the timed
-    steps per pass."""
-    if quick:
-        return [{"size": "bench", "seq_len": 256, "batch": 8, "backends": ("xla",)}]
-    return [{"size": "bench", "seq_len": 256, "batch": 8, "backends": ("xla",)},
-            {"size": "bench", "seq_len": 1024, "batch": 2, "backends": ("xla", "dense")},
-            # A small-size step is seconds to minutes on CPU: 2 timed steps per pass suffice.
-            {"size": "small", "seq_len": 1024, "batch": small_batch, "backends": ("xla",),
-             "max_steps": 2}]
+    steps per pass. With a `reference` entry (`bench.reference_for`), a bench-size group it
+    has rows for also runs `reference_twins`: those families at the reference's dropout."""
+    groups = [{"size": "bench", "seq_len": 256, "batch": 8, "backends": ("xla",)}]
+    if not quick:
+        groups += [{"size": "bench", "seq_len": 1024, "batch": 2, "backends": ("xla", "dense")},
+                   # A small-size step is seconds to minutes on CPU: 2 timed steps per pass.
+                   {"size": "small", "seq_len": 1024, "batch": small_batch, "backends": ("xla",),
+                    "max_steps": 2}]
+    for g in groups:
+        own = tuple(f for f in bench.FAMILIES
+                    if (row := bench.reference_row(reference, f, g["seq_len"], g["batch"]))
+                    and row["reference_family"] == f)
+        if g["size"] == "bench" and own:
+            g["reference_twins"] = {"dropout": reference["dropout"], "families": own}
+    return groups
 
 
 def sampling_specs(length: int, quick: bool = False) -> list[dict]:
@@ -103,10 +112,10 @@ def mfu_target(family: str, size: str, seq_len: int, accelerator: bool) -> float
     return MFU_TARGETS.get(family)
 
 
-def reference_comparable(cpu_family_model, backend: str) -> bool:
-    """PyTorch-reference ratios mean something only on the CPU model it was measured on."""
-    fm = tuple(cpu_family_model) if cpu_family_model else None
-    return backend == "cpu" and fm == tuple(bench.REFERENCE["cpu_family_model"])
+def machine_reference(cpu_family_model, backend: str) -> dict | None:
+    """The PyTorch-reference entry measured on this CPU model (`bench.REFERENCES`), else None:
+    its ratios mean nothing on another CPU model or platform."""
+    return bench.reference_for(cpu_family_model) if backend == "cpu" else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,17 +147,20 @@ def run_train_group(group: dict, settings: dict, *, steps: int, passes: int, war
     """Every family × backend of `group`, interleaved; summaries with the group's settings."""
     rows, cases = [], []
     with tempfile.TemporaryDirectory(prefix="dlm_perf_") as tmp:
-        for fam in bench.FAMILIES:
-            for backend in group["backends"]:
-                cfg = bench.make_config(fam, size=group["size"], seq_len=group["seq_len"],
-                                        batch=group["batch"], dtype=settings["dtype"],
-                                        attention=backend)
-                name = f"{fam}-{group['size']}-L{group['seq_len']}-{backend}"
-                case = bench.Case(name, fam, cfg, os.path.join(tmp, name))
-                case.compile()
-                case.backend = backend
-                log(f"{name}: first step {case.first_step_s:.1f} s")
-                cases.append(case)
+        twins = group.get("reference_twins") or {"families": (), "dropout": 0.0}
+        specs = [(fam, backend, 0.0) for fam in bench.FAMILIES for backend in group["backends"]]
+        specs += [(fam, "xla", twins["dropout"]) for fam in twins["families"]]
+        for fam, backend, dropout in specs:
+            cfg = bench.make_config(fam, size=group["size"], seq_len=group["seq_len"],
+                                    batch=group["batch"], dtype=settings["dtype"],
+                                    attention=backend, dropout=dropout)
+            name = (f"{fam}-{group['size']}-L{group['seq_len']}-{backend}"
+                    + (f"-dropout{dropout:g}" if dropout else ""))
+            case = bench.Case(name, fam, cfg, os.path.join(tmp, name))
+            case.compile()
+            case.backend = backend
+            log(f"{name}: first step {case.first_step_s:.1f} s")
+            cases.append(case)
         for p in range(passes):
             for case in (cases if p % 2 == 0 else cases[::-1]):
                 ts = case.run_pass(steps, warmup)
@@ -254,12 +266,12 @@ def measure(args) -> dict:
     settings = platform_settings(backend)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
     machine = bench.machine_info()
+    reference = machine_reference(machine["cpu_family_model"], backend)
     result = {"kind": "perf_table", "quick": args.quick, "machine": machine,
               "settings": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in settings.items()},
               "flash_tiles": flash_tiles_at(), "peaks": [],
-              "comparable_to_reference": reference_comparable(machine["cpu_family_model"],
-                                                              backend)}
+              "reference": reference, "comparable_to_reference": reference is not None}
     t_start = time.perf_counter()
 
     def new_peak() -> float:
@@ -271,7 +283,8 @@ def measure(args) -> dict:
     # Quick: the compiling step is the only warm-up.
     steps, passes, warmup = (2, 2, 0) if args.quick else (args.steps, args.passes, 1)
     result["train"] = []
-    for group in train_groups(args.quick, args.small_batch or settings["small_batch"]):
+    for group in train_groups(args.quick, args.small_batch or settings["small_batch"],
+                              reference):
         result["train"] += run_train_group(group, settings,
                                            steps=min(steps, group.get("max_steps", steps)),
                                            passes=passes, warmup=warmup,
@@ -286,9 +299,10 @@ def measure(args) -> dict:
     # Every MFU against the same peak: the median over the whole run.
     for row in result["train"]:
         row["mfu"] = row["achieved_gflops"] / final
-        if result["comparable_to_reference"] and (row["size"], row["seq_len"], row["batch"]) \
-                == ("bench", 256, 8):
-            row.update(bench._ratios(row, row["family"], final))
+        ref_row = bench.reference_row(reference, row["family"], row["seq_len"], row["batch"])
+        if reference and ref_row and ref_row["reference_family"] == row["family"] \
+                and row["size"] == "bench" and row["dropout"] == reference["dropout"]:
+            row.update(bench._ratios(row, reference, ref_row, final))
     result["peak_gflops"] = final
     result["wall_s"] = time.perf_counter() - t_start
     return result
@@ -322,15 +336,18 @@ def peak_line(result: dict) -> str:
 
 
 def reference_line(result: dict) -> str:
-    ref = bench.REFERENCE
+    ref = result.get("reference")
     fm = result["machine"].get("cpu_family_model") or ("?", "?")
-    if result["comparable_to_reference"]:
-        return (f"PyTorch reference ({ref['source']}): this is its CPU model, so the bench-size "
-                f"L 256 rows show its tokens/s and our ratio.")
-    return (f"PyTorch reference: measured on {ref['cpu']} (cpu family "
-            f"{ref['cpu_family_model'][0]} model {ref['cpu_family_model'][1]}); there are no "
-            f"reference figures for this CPU (family {fm[0]} model {fm[1]}) or platform, so "
-            f"none are shown.")
+    if ref:
+        return (f"PyTorch reference ({ref['source']}): this is its CPU model, so the "
+                f"bench-size rows it has figures for are run a second time at its dropout "
+                f"{ref['dropout']:g}, interleaved with the rest, and show its tokens/s and our "
+                f"ratio (raw, and normalised by each side's matmul peak: theirs "
+                f"{ref['peak_matmul_gflops']:g} GFLOP/s).")
+    measured = "; ".join(f"{r['cpu']} (cpu family {r['cpu_family_model'][0]} model "
+                         f"{r['cpu_family_model'][1]})" for r in bench.REFERENCES)
+    return (f"PyTorch reference: measured on {measured}; there are no reference figures for "
+            f"this CPU (family {fm[0]} model {fm[1]}) or platform, so none are shown.")
 
 
 def flash_line(result: dict) -> str:
@@ -346,8 +363,8 @@ def _pct(x: float | None) -> str:
 
 
 def train_table(rows: list[dict], *, accelerator: bool, comparable: bool) -> str:
-    head = ["family", "size", "L", "batch", "attention", "params", "s/step median (min–max)",
-            "tok/s", "GFLOP/step", "MFU"]
+    head = ["family", "size", "L", "batch", "attention"] + (["dropout"] if comparable else []) \
+        + ["params", "s/step median (min–max)", "tok/s", "GFLOP/step", "MFU"]
     if accelerator:
         head.append("MFU target")
     if comparable:
@@ -355,8 +372,9 @@ def train_table(rows: list[dict], *, accelerator: bool, comparable: bool) -> str
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         st = r["step_s"]
-        cells = [r["family"], r["size"], str(r["seq_len"]), str(r["batch"]), r["attention"],
-                 f"{r['num_params'] / 1e6:.2f}M",
+        cells = [r["family"], r["size"], str(r["seq_len"]), str(r["batch"]), r["attention"]] \
+            + ([f"{r.get('dropout', 0.0):g}"] if comparable else []) \
+            + [f"{r['num_params'] / 1e6:.2f}M",
                  f"{st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f})",
                  f"{r['tokens_per_s']:.0f}", f"{r['gflop_per_step']:.1f}", _pct(r["mfu"])]
         if accelerator:
@@ -375,6 +393,8 @@ def backend_speedups(rows: list[dict], base: str = "dense") -> list[dict]:
     """Per (family, size, L, batch) measured with `base` and another backend: step-time ratio."""
     by_key = {}
     for r in rows:
+        if r.get("dropout", 0.0):   # the reference's dropout twins have no dense twin
+            continue
         by_key.setdefault((r["family"], r["size"], r["seq_len"], r["batch"]), {})[
             r["attention"]] = r["step_s"]["median"]
     out = []
@@ -458,7 +478,9 @@ def render(result: dict) -> str:
     speed = speedup_table(backend_speedups(result["train"]))
     parts = [machine_line(result), "", peak_line(result), "", reference_line(result), "",
              flash_line(result), "",
-             "**Training** (random token batches into the jitted train step, AdamW, dropout 0; "
+             "**Training** (random token batches into the jitted train step, AdamW, dropout 0"
+             + (" unless its column says otherwise" if result["comparable_to_reference"] else "")
+             + "; "
              "the families of one size and L interleaved; MFU = tokens/s × "
              "`Experiment.flops_per_token()` / the peak):", "",
              train_table(result["train"], accelerator=s["accelerator"],

@@ -35,3 +35,29 @@ def test_bench_profile_tiny_smoke(tmp_path):
     for fam in ("ar", "bd3lm"):
         med = result["families"][fam]["median_s"]
         assert med["train_step"] > 0 and med["loss_value_and_grad"] > 0
+
+
+def test_reference_comparison_needs_its_cpu_size_block_and_rows():
+    zen5, zen3 = ("26", "2"), ("25", "1")
+    ref = bench.comparable_reference(zen5, "bench", 1024, 2, 16, ["mdlm"])
+    assert ref is bench.reference_for(zen5) and ref["dropout"] == 0.1
+    assert bench.comparable_reference(zen3, "bench", 1024, 2, 16, ["mdlm"]) is None  # no row
+    assert bench.comparable_reference(zen3, "bench", 256, 8, 16, ["d3pm"]) is not None  # proxy
+    assert bench.comparable_reference(zen5, "tiny", 256, 8, 16, ["mdlm"]) is None
+    assert bench.comparable_reference(zen5, "bench", 256, 8, 4, ["bd3lm"]) is None
+    assert bench.comparable_reference(("25", "17"), "bench", 256, 8, 16, ["mdlm"]) is None
+    assert bench.comparable_reference(None, "bench", 256, 8, 16, ["mdlm"]) is None
+
+
+def test_ratios_raw_and_peak_normalised():
+    ref = bench.reference_for(("25", "1"))
+    row = bench.reference_row(ref, "mdlm", 256, 8)
+    out = bench._ratios({"tokens_per_s": 6076.0}, ref, row, peak_gflops=227.0)
+    assert out["reference_family"] == "mdlm"
+    assert out["ratio_tokens_per_s"] == 2.0                       # 6076 / 3038
+    assert abs(out["ratio_peak_normalised"] - 1.0) < 1e-12        # and twice the peak
+    # Their own count: 46.0 GFLOP/step at 3038 tok/s of 2048-token steps, peak 113.5.
+    assert abs(out["reference_mfu_own_count"] - 46.0 * 3038 / 2048 / 113.5) < 1e-12
+    zen5 = bench.reference_for(("26", "2"))
+    assert "reference_mfu_own_count" not in bench._ratios(
+        {"tokens_per_s": 1.0}, zen5, bench.reference_row(zen5, "ar", 1024, 2), 1.0)

@@ -43,7 +43,8 @@ def _result(backend="cpu", cpu_fm=("6", "207")):
         "machine": {"cpu": "Intel Xeon", "cpu_family_model": list(cpu_fm), "cpu_count": 2,
                     "jax": "0.10.2", "devices": ["TFRT_CPU_0"], "date": "2026-12-01"},
         "settings": settings,
-        "comparable_to_reference": pt.reference_comparable(cpu_fm, backend),
+        "reference": pt.machine_reference(cpu_fm, backend),
+        "comparable_to_reference": pt.machine_reference(cpu_fm, backend) is not None,
         "peaks": [{"jax_gflops": 110.0, "loadavg": [5.0, 4.0, 3.0]}, {"jax_gflops": 120.0},
                   {"jax_gflops": 130.0, "loadavg": [7.0, 6.0, 5.0]}],
         "train": [_train_row("mdlm", "xla", 0.4), _train_row("mdlm", "dense", 0.6),
@@ -99,6 +100,7 @@ def test_render_cpu_states_the_machine_and_no_reference():
     md = pt.render(_result())
     assert "Intel Xeon (cpu family 6 model 207" in md
     assert "no reference figures for this CPU (family 6 model 207)" in md
+    assert "AMD EPYC (Zen 3), 2 vCPUs (cpu family 25 model 1)" in md
     assert "reference tok/s" not in md and "MFU target" not in md
     assert "110.0 GFLOP/s at the start, 130.0 at the end" in md
     assert "load average 5.0 at the start, 7.0 at the end" in md
@@ -122,11 +124,62 @@ def test_render_accelerator_prints_the_mfu_targets():
 
 
 def test_reference_only_on_its_cpu_model():
-    ref = tuple(pt.bench.REFERENCE["cpu_family_model"])
-    assert pt.reference_comparable(ref, "cpu")
-    assert not pt.reference_comparable(list(ref), "gpu")
-    assert not pt.reference_comparable(("6", "207"), "cpu")
-    assert not pt.reference_comparable(None, "cpu")
+    for ref in pt.bench.REFERENCES:
+        fm = tuple(ref["cpu_family_model"])
+        assert pt.machine_reference(fm, "cpu") is ref
+        assert pt.machine_reference(list(fm), "cpu") is ref     # as read back from JSON
+        assert pt.machine_reference(fm, "gpu") is None
+    assert pt.machine_reference(("25", "17"), "cpu") is None   # Zen 4: never measured
+    assert pt.machine_reference(None, "cpu") is None
+
+
+def test_reference_rows_and_proxies():
+    zen3, zen5 = (pt.bench.reference_for(fm) for fm in (("25", "1"), ("26", "2")))
+    row = pt.bench.reference_row
+    assert row(zen5, "sedd", 256, 8)["reference_family"] == "sedd"     # its own row
+    assert row(zen3, "sedd", 256, 8)["reference_family"] == "mdlm"     # the proxy's
+    assert row(zen5, "d3pm", 1024, 2)["tokens_per_s"] == 4679.0        # mdlm's, at L 1024
+    assert row(zen3, "mdlm", 1024, 2) is None                           # never measured
+    assert row(None, "mdlm", 256, 8) is None
+    for ref in pt.bench.REFERENCES:   # every row is internally consistent: tok/s = B·L / step
+        assert ref["dropout"] == 0.1
+        for r in ref["rows"]:
+            assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq_len"] / r["step_s"],
+                                                      rel=0.01), r
+
+
+def test_reference_twins_are_planned_where_rows_exist():
+    zen5 = pt.bench.reference_for(("26", "2"))
+    groups = {(g["size"], g["seq_len"]): g for g in pt.train_groups(False, 1, zen5)}
+    assert groups[("bench", 256)]["reference_twins"] == {
+        "dropout": 0.1, "families": ("ar", "mdlm", "bd3lm", "sedd")}
+    assert groups[("bench", 1024)]["reference_twins"]["families"] == ("ar", "mdlm", "bd3lm")
+    assert "reference_twins" not in groups[("small", 1024)]
+    zen3 = pt.bench.reference_for(("25", "1"))
+    groups = {(g["size"], g["seq_len"]): g for g in pt.train_groups(False, 1, zen3)}
+    assert groups[("bench", 256)]["reference_twins"]["families"] == ("ar", "mdlm", "bd3lm")
+    assert "reference_twins" not in groups[("bench", 1024)]
+    assert all("reference_twins" not in g for g in pt.train_groups(False, 1, None))
+
+
+def test_render_on_a_reference_cpu_compares_the_dropout_twins_only():
+    result = _result(cpu_fm=("26", "2"))
+    ref = result["reference"]
+    twin = _train_row("mdlm", "xla", 0.25)
+    twin["dropout"] = 0.1
+    twin.update(pt.bench._ratios(twin, ref, pt.bench.reference_row(ref, "mdlm", 256, 8),
+                                 result["peak_gflops"]))
+    result["train"].append(twin)
+    md = pt.render(result)
+    assert "this is its CPU model" in md and "reference tok/s" in md
+    # 8·256 / 0.25 = 8192 tok/s against the reference's 6472: 1.27×; peak-normalised by
+    # 120 (ours) and 210 (theirs) GFLOP/s: (8192 / 120) / (6472 / 210) = 2.22×.
+    assert "| mdlm | bench | 256 | 8 | xla | 0.1 | 4.19M | 0.250 (0.225–0.275) | 8192 |" in md
+    assert "| 6472 | 1.27 | 2.22 |" in md
+    # The dropout-0 rows carry no ratio, and the twin does not enter the dense speed-up.
+    assert "| mdlm | bench | 256 | 8 | xla | 0 | 4.19M | 0.400 (0.360–0.440) | 5120 | 28.6 " \
+           "| 50.0% | – | – | – |" in md
+    assert "| mdlm | bench | 256 | 8 | xla | 0.600 | 0.400 | 1.50× |" in md
 
 
 def test_quick_plan_is_L256_only():
