@@ -105,7 +105,7 @@ def test_render_cpu_states_the_machine_and_no_reference():
     assert "110.0 GFLOP/s at the start, 130.0 at the end" in md
     assert "load average 5.0 at the start, 7.0 at the end" in md
     # Train-step speed-up of xla over dense: 0.6 / 0.4.
-    assert "| mdlm | bench | 256 | 8 | xla | 0.600 | 0.400 | 1.50× |" in md
+    assert "| mdlm | bench | 256 | 8 | xla | dense | 0.600 | 0.400 | 1.50× |" in md
     assert "bd3lm ancestral L 128: 3.00×" in md           # KV cache: 1.5 / 0.5
     assert "| bd3lm | ancestral | 128 | 8 | no |" in md
     assert "| mdlm | ancestral | 128 | 8 | – |" in md      # no cache twin: no cache column
@@ -179,7 +179,7 @@ def test_render_on_a_reference_cpu_compares_the_dropout_twins_only():
     # The dropout-0 rows carry no ratio, and the twin does not enter the dense speed-up.
     assert "| mdlm | bench | 256 | 8 | xla | 0 | 4.19M | 0.400 (0.360–0.440) | 5120 | 28.6 " \
            "| 50.0% | – | – | – |" in md
-    assert "| mdlm | bench | 256 | 8 | xla | 0.600 | 0.400 | 1.50× |" in md
+    assert "| mdlm | bench | 256 | 8 | xla | dense | 0.600 | 0.400 | 1.50× |" in md
 
 
 def test_quick_plan_is_L256_only():
@@ -222,3 +222,61 @@ def test_pattern_attention_flops_counts_the_last_layer_alone():
     assert got == attention_flops(1, D, keys)
     assert pattern_attention_flops(depth, D, MaskPattern("full"), L, "dense") == \
         attention_flops(depth, D, L)
+
+
+def test_accelerator_small_group_times_the_platform_kernel_against_xla():
+    groups = {g["name"]: g for g in pt.train_groups(False, 16, kernels=("cudnn",))}
+    assert set(groups) == set(pt.GROUP_NAMES)
+    assert groups["small-L1024"]["backends"] == ("xla", "cudnn")
+    assert groups["small-L1024"]["batch"] == 16
+    assert groups["bench-L1024"]["backends"] == ("xla", "dense")
+    rows = [_train_row("mdlm", "xla", 0.30, size="small", L=1024, B=16),
+            _train_row("mdlm", "cudnn", 0.25, size="small", L=1024, B=16)]
+    (sp,) = pt.backend_speedups(rows)
+    assert (sp["backend"], sp["base"]) == ("cudnn", "xla") and sp["speedup"] == 0.30 / 0.25
+
+
+def test_parts_groups_and_families_are_checked_and_skipped_parts_leave_no_section():
+    args = pt.parse_args(["--parts", "train,attention", "--groups", "small-L1024",
+                          "--families", "ar,mdlm,bd3lm", "--attention_lengths", "1024,4096"])
+    assert args.parts == ("train", "attention") and args.groups == ("small-L1024",)
+    assert args.families == ("ar", "mdlm", "bd3lm") and args.attention_lengths == (1024, 4096)
+    for bad in (["--parts", "train,sample"], ["--groups", "small"], ["--families", "gpt"]):
+        with pytest.raises(SystemExit):
+            pt.parse_args(bad)
+    result = _result("gpu")
+    result["sampling"], result["attention"] = [], []
+    md = pt.render(result)
+    assert "**Training**" in md and "**Sampling**" not in md and "**Attention" not in md
+
+
+def test_datasheet_peaks_and_the_target_judged_on_them():
+    assert pt.datasheet_peak_gflops("NVIDIA H100 80GB HBM3") == 989_400.0
+    assert pt.datasheet_peak_gflops("NVIDIA H100 PCIe") == 756_000.0
+    assert pt.datasheet_peak_gflops("NVIDIA H200") == 989_400.0
+    assert pt.datasheet_peak_gflops("TPU v5 lite") == 197_000.0
+    assert pt.datasheet_peak_gflops("TPU v5p") == 459_000.0
+    assert pt.datasheet_peak_gflops("cpu") is None and pt.datasheet_peak_gflops(None) is None
+    result = _result("gpu")
+    result["device_kind"], result["datasheet_peak_gflops"] = "NVIDIA H100 80GB HBM3", 989_400.0
+    small = result["train"][-1]
+    small["mfu_datasheet"] = 0.35          # 0.42 of the measured peak, 0.35 of the datasheet's
+    md = pt.render(result)
+    assert "MFU (datasheet peak)" in md and "datasheet 989.4 TFLOP/s" in md
+    assert "| 42.0% | 35.0% | ≥ 40% (not met) |" in md
+
+
+def test_accelerator_check_refuses_a_machine_without_one(tmp_path):
+    """The prepared device script: usage errors and a CPU-only jax end it at once (exit 2),
+    before any test or benchmark runs."""
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accelerator_check.sh")
+    env = {**os.environ, "PYTHON": sys.executable, "CHECK_WHEELS": str(tmp_path / "none"),
+           "JAX_PLATFORMS": "cpu"}
+    bad = subprocess.run(["bash", script, "bogus"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    run = subprocess.run(["bash", script, "run", str(tmp_path / "out")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "no accelerator here: jax's default backend is 'cpu'" in run.stderr
+    assert not os.listdir(tmp_path / "out")
