@@ -17,14 +17,21 @@ for, restores in the stored layout and converts params, optimizer moments and EM
 on the requested shardings), so `model.scan_layers` may change between runs of one workdir.
 
 Faults: a newest checkpoint that cannot be restored (a truncated or corrupt file) is renamed
-`<step>.unreadable` — kept, never deleted — and the next older one is tried; a save that fails
+`<step>.unreadable` — kept, never deleted — and the next older one is tried, the reason in one
+line (orbax's error and its root cause; the debris of orbax's abandoned reads is silenced,
+`_silence_abandoned_reads`); a save that fails
 (disk full, a read-only directory) raises `CheckpointError` naming the step and the directory,
 at the save itself or, for an asynchronous save, at the next `check()`.
 """
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
+import sys
+import threading
+import types
+import warnings
 from typing import Any
 
 import jax
@@ -46,10 +53,66 @@ class LayoutError(CheckpointError):
 
 
 def _first_line(e: BaseException) -> str:
-    """`Type: first line of the message`, without tensorstore's trailing spec dump."""
-    text = str(e).strip()
-    line = text.splitlines()[0].split(" [tensorstore_spec")[0] if text else ""
-    return f"{type(e).__name__}: {line}".rstrip(": ")
+    """`Type: first line of the message`, without tensorstore's trailing spec dump; for a
+    wrapped error (`raise … from cause`), the root cause's line after it ("caused by")."""
+    def line(x: BaseException) -> str:
+        text = str(x).strip()
+        first = text.splitlines()[0] if text else ""
+        for dump in (" [tensorstore_spec", " See full TensorStore details"):
+            first = first.split(dump)[0]
+        return f"{type(x).__name__}: {first}".rstrip(": ")
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return line(e) if root is e else f"{line(e).rstrip('.')}; caused by {line(root)}"
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    """Whether an unraisable error is the debris of a failed orbax restore: one of orbax's read
+    coroutines, closed unfinished (it turns GeneratorExit into an Exception), or a tensorstore
+    thread's read completing into orbax's already closed event loop."""
+    obj, exc = unraisable.object, unraisable.exc_value
+    if isinstance(obj, types.CoroutineType):
+        return f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename
+    return (obj is None and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and threading.current_thread().name.startswith("Dummy"))   # a thread not Python's
+
+
+class _DropAbandonedOrbaxTasks(py_logging.Filter):
+    """asyncio's log lines for the tasks of a failed orbax restore that nobody awaits."""
+
+    def filter(self, record):
+        text = record.getMessage()
+        return not ("orbax" in text and ("exception was never retrieved" in text
+                                         or "destroyed but it is pending" in text))
+
+
+_debris_filters: list = []   # installed once per process, by the first failed restore
+
+
+def _silence_abandoned_reads() -> None:
+    """When an orbax restore fails (a truncated file, say), orbax closes its event loop with
+    the reads of the other arrays still pending: as tensorstore finishes them and the garbage
+    collector meets them, seconds later, each prints a traceback with a tensorstore spec,
+    thousands of lines for one bad file. We report the failure once, in one line; this drops
+    that debris (`_is_abandoned_read`, `_DropAbandonedOrbaxTasks`, orbax coroutines never
+    awaited) for the rest of the process. Every other unraisable error, asyncio message and
+    warning reaches its usual handler."""
+    if _debris_filters:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+    sys.unraisablehook = hook
+    quiet = _DropAbandonedOrbaxTasks()
+    py_logging.getLogger("asyncio").addFilter(quiet)
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"coroutine '(_read_array_index_and_device_put|"
+                                    r"_read_and_create_array|async_deserialize)' was never "
+                                    r"awaited")
+    _debris_filters.extend((hook, quiet))
 
 
 class Checkpointer:
@@ -115,6 +178,13 @@ class Checkpointer:
     def _relayout(self, step: int, item: str, abstract: Any, restore):
         """`restore(abstract_in_stored_layout)`, then converted to `abstract`'s layout and
         shardings; just `restore(abstract)` when the layouts agree (`stored_layout`)."""
+        try:
+            return self._relayout_unguarded(step, item, abstract, restore)
+        except Exception:
+            _silence_abandoned_reads()   # a failed read leaves orbax's debris behind
+            raise
+
+    def _relayout_unguarded(self, step: int, item: str, abstract: Any, restore):
         want = find_layout(abstract)
         stored = self.stored_layout(step, item) if want is not None else None
         if stored is None or stored == want:

@@ -3,8 +3,8 @@
   * kill -9 and SIGTERM at chosen moments (before, during and after an evaluation with the BD3-LM
     clip search, during an asynchronous save), then resume: every array of the final checkpoint
     equals the uninterrupted run's, bit for bit, and metrics.jsonl has no duplicate step;
-  * a corrupt newest checkpoint: the run falls back to the previous one and says so, keeping
-    the bad one; a failed save (the file-size limit, as on a full disk) stops the run at once
+  * a corrupt newest checkpoint: the run falls back to the previous one and says so in one
+    line, keeping the bad one; a failed save (the file-size limit, as on a full disk) stops the run at once
     with one line naming the directory;
   * a changed config on resume: shape-changing fields are one error, others one warning;
   * bad command-line input: one `error:` line, exit code 2, nothing written.
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from dlm_jax.cli import cpu_xla_flags
 from dlm_jax.config import ConfigError
 from dlm_jax.trainer import Trainer
 
@@ -97,6 +98,9 @@ def test_interrupted_runs_resume_bit_identically(kind, uninterrupted, tmp_path):
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    """Resuming through the CLI onto a truncated newest checkpoint: the run falls back to the
+    one before and says so in one line naming the bad array; nothing else reaches stderr (orbax
+    leaves its other reads pending, whose debris printed thousands of traceback lines)."""
     cfg = tiny.get_config("mdlm")
     cfg.mesh.shape = (1, 1, 1)
     cfg.train.steps, cfg.train.ckpt_every, cfg.train.eval_every = 4, 2, 100
@@ -107,14 +111,29 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     files = sorted((p for p in ckpt4.rglob("*") if p.is_file() and p.stat().st_size > 1000),
                    key=lambda p: -p.stat().st_size)
     files[0].write_bytes(files[0].read_bytes()[:100])      # truncate the largest array file
-    cfg.train.steps = 6
-    second = Trainer(cfg, str(tmp_path), measure_mfu=False)
-    summary = second.run()
-    second.close()
-    assert summary["start_step"] == 2 and summary["final_step"] == 6
-    assert second.ckpt.skipped and second.ckpt.skipped[0][0] == 4
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": cpu_xla_flags(os.environ.get("XLA_FLAGS", ""), devices=2)}
+    out = subprocess.run(
+        [sys.executable, "-m", "dlm_jax.train", "--config", "configs/tiny.py:mdlm",
+         "--config.mesh.shape=(1,1,1)", "--config.train.steps=6", "--config.train.ckpt_every=2",
+         "--config.train.eval_every=100", "--workdir", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from step 2" in out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == ("warning: resuming step 4 with a changed config: train.steps: 4 -> 6 "
+                        "(the previous config is kept as config.4.json)")
+    warning = [ln for ln in lines if ln.startswith("warning: checkpoint")]
+    assert len(warning) == 1 and warning[0].startswith(f"warning: checkpoint {ckpt4} is "
+                                                       "unreadable (")
+    assert "caused by ValueError: OUT_OF_RANGE: Error reading" in warning[0]
+    assert warning[0].endswith(f"kept as {ckpt4}.unreadable")
+    # the library's own log line of the same event (absl, "W…] checkpoint … is unreadable")
+    logged = [ln for ln in lines[1:] if ln not in warning]
+    assert len(logged) == 1 and "is unreadable" in logged[0] and "TensorStore" not in out.stderr
     assert (tmp_path / "checkpoints" / "4.unreadable").is_dir()     # kept, never deleted
-    assert {4, 6} <= set(second.ckpt.all_steps())                    # 4 saved afresh
+    steps = {int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()}
+    assert {4, 6} <= steps                                           # 4 saved afresh
 
 
 def test_failed_save_stops_the_run_at_once(tmp_path):
@@ -305,3 +324,19 @@ def test_sigterm_to_one_of_two_hosts_then_resume_on_one_host(tmp_path):
 def _losses(workdir):
     rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_a_failure_reason_is_one_line_with_its_root_cause():
+    from dlm_jax.checkpoint import _first_line
+    try:
+        try:
+            raise ValueError('OUT_OF_RANGE: Error reading "params.w/0.0"\nmore detail')
+        except ValueError as cause:
+            raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). "
+                            "See full TensorStore details: <bound method spec of TensorStore({"
+                            "\n  'driver': 'zarr'") from cause
+    except Exception as e:
+        reason = _first_line(e)
+    assert reason == ("Exception: Encountered error while reading array index: (slice(0, 4, 1),)"
+                      '; caused by ValueError: OUT_OF_RANGE: Error reading "params.w/0.0"')
+    assert _first_line(OSError("disk full [tensorstore_spec={...}]")) == "OSError: disk full"
