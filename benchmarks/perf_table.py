@@ -529,15 +529,16 @@ def render(result: dict) -> str:
     sh = ATTN_SHAPE
     speed = speedup_table(backend_speedups(result["train"]))
     parts = [machine_line(result), "", peak_line(result), "", reference_line(result), "",
-             flash_line(result), "",
-             "**Training** (random token batches into the jitted train step, AdamW, dropout 0"
-             + (" unless its column says otherwise" if result["comparable_to_reference"] else "")
-             + "; "
-             "the families of one size and L interleaved; MFU = tokens/s × "
-             "`Experiment.flops_per_token()` / the peak):", "",
-             train_table(result["train"], accelerator=s["accelerator"],
-                         comparable=result["comparable_to_reference"],
-                         datasheet=bool(result.get("datasheet_peak_gflops")))]
+             flash_line(result)]
+    if result["train"]:
+        parts += ["", "**Training** (random token batches into the jitted train step, AdamW, "
+                  "dropout 0" + (" unless its column says otherwise"
+                                 if result["comparable_to_reference"] else "")
+                  + "; the families of one size and L interleaved; MFU = tokens/s × "
+                  "`Experiment.flops_per_token()` / the peak):", "",
+                  train_table(result["train"], accelerator=s["accelerator"],
+                              comparable=result["comparable_to_reference"],
+                              datasheet=bool(result.get("datasheet_peak_gflops")))]
     if speed:
         parts += ["", "**Train step, one `model.attention` against another** (`dense`, else "
                   "`xla`; same process, same interleaved passes):", "", speed]
@@ -628,7 +629,10 @@ def parse_args(argv=None):
     ap.add_argument("--attention_lengths", type=lambda v: tuple(int(x) for x in v.split(",")),
                     default=None, help="comma list of L for the attention rows "
                                        "(default 256,1024,4096; --quick 256)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.quick and set(args.groups or ()) - {GROUP_NAMES[0]}:
+        ap.error(f"--groups: --quick trains {GROUP_NAMES[0]} only")
+    return args
 
 
 def main(argv=None) -> dict:

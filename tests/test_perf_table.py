@@ -241,13 +241,18 @@ def test_parts_groups_and_families_are_checked_and_skipped_parts_leave_no_sectio
                           "--families", "ar,mdlm,bd3lm", "--attention_lengths", "1024,4096"])
     assert args.parts == ("train", "attention") and args.groups == ("small-L1024",)
     assert args.families == ("ar", "mdlm", "bd3lm") and args.attention_lengths == (1024, 4096)
-    for bad in (["--parts", "train,sample"], ["--groups", "small"], ["--families", "gpt"]):
+    for bad in (["--parts", "train,sample"], ["--groups", "small"], ["--families", "gpt"],
+                ["--quick", "--groups", "small-L1024"]):
         with pytest.raises(SystemExit):
             pt.parse_args(bad)
     result = _result("gpu")
     result["sampling"], result["attention"] = [], []
     md = pt.render(result)
     assert "**Training**" in md and "**Sampling**" not in md and "**Attention" not in md
+    result = _result("gpu")
+    result["train"], result["sampling"] = [], []
+    md = pt.render(result)
+    assert "**Training**" not in md and "**Train step" not in md and "**Attention" in md
 
 
 def test_datasheet_peaks_and_the_target_judged_on_them():
