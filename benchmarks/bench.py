@@ -3,7 +3,7 @@
     python benchmarks/bench.py train [--size bench|tiny] [--families ar,mdlm,bd3lm,sedd,d3pm]
                                   [--steps N] [--passes P] [--out FILE.json]
                                   [--seq_len 256 --batch 8 --block 16] [--extra dropout,clip_ema,remat]
-    python benchmarks/bench.py profile [--families mdlm,bd3lm] [--steps N] [--out FILE.json]
+    python benchmarks/bench.py profile [--families mdlm,bd3lm] [--steps N] [--ops] [--out FILE.json]
 
 `train` measures, in ONE process (the machine's speed drifts, so everything that is compared is
 measured side by side):
@@ -31,7 +31,9 @@ SEDD absorbing with the log-linear schedule.
 
 `profile` splits one step into jitted pieces for each family (model forward, loss forward,
 loss value-and-grad, the AdamW update, attention alone at the step's shapes, the whole step) and
-times them interleaved, so the share of each is visible.
+times them interleaved, so the share of each is visible. `--ops` then traces `--steps` train
+steps under the jax profiler and sums each XLA op's exclusive time by kind (matmul, elementwise
+fusion, copy / transpose, loop control, other; `op_category`, `exclusive_op_times`).
 
 The JSON output holds the machine, versions, the peaks, every timed step, the summaries, the
 reference figures and our/reference ratios (raw and normalised by each side's matmul peak).
@@ -39,10 +41,14 @@ reference figures and our/reference ratios (raw and normalised by each side's ma
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import glob
+import gzip
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -530,6 +536,70 @@ def phase_functions(case: Case) -> dict:
     }, depth
 
 
+# An XLA op's trace event is named after its HLO instruction ("ynn_fusion.12", "while.3");
+# Python and runtime events ("$api.py:…", "ThunkExecutor::Execute") do not match.
+OP_EVENT = re.compile(r"^[a-z_][a-z0-9_\-]*(\.\d+)?$")
+
+
+def op_category(name: str) -> str:
+    """What an XLA:CPU op is, from its instruction name: matmul (a dot, or a YNNPACK / oneDNN
+    fusion around one), copy / transpose, loop control (a while's own time: the flash
+    attention's scan, scanned layers), elementwise fusion, or other."""
+    if name.startswith(("ynn_fusion", "dot", "onednn", "xnn")) or "convolution" in name:
+        return "matmul"
+    if "copy" in name or "transpose" in name:
+        return "copy / transpose"
+    if name.startswith(("while", "call", "conditional")):
+        return "loop control"
+    return "elementwise fusion" if "fusion" in name else "other"
+
+
+def exclusive_op_times(events) -> dict[str, float]:
+    """Microseconds per XLA op from complete ("X") trace events: each op's duration minus that of
+    the ops nested in it on the same thread (a while's body ops count as themselves)."""
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    out = collections.Counter()
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack = []  # [end, name, dur, time of nested ops]
+
+        def pop():
+            end, name, dur, nested = stack.pop()
+            if OP_EVENT.match(name):
+                out[name] += dur - nested
+                if stack:
+                    stack[-1][3] += dur
+        for e in evs:
+            while stack and stack[-1][0] <= e["ts"]:
+                pop()
+            stack.append([e["ts"] + e["dur"], e["name"], e["dur"], 0.0])
+        while stack:
+            pop()
+    return dict(out)
+
+
+def trace_ops(step, n: int) -> dict:
+    """Run `step()` n times under the jax profiler; ms per step per op category and the ops."""
+    import jax
+    with tempfile.TemporaryDirectory(prefix="dlm_trace_") as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(n):
+                step()
+        paths = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(paths[0]) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    ops = {k: v / 1e3 / n for k, v in exclusive_op_times(events).items()}
+    cats = collections.Counter()
+    for name, ms in ops.items():
+        cats[op_category(name)] += ms
+    return {"ms_per_step": dict(cats.most_common()), "total_ms": sum(cats.values()),
+            "top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:15])}
+
+
 def run_profile(args) -> dict:
     families = [f for f in args.families.split(",") if f]
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
@@ -568,6 +638,8 @@ def run_profile(args) -> dict:
                 "loss_head_s": med["loss_forward"] - med["model_forward"],
                 "rest_of_step_s": step - med["loss_value_and_grad"] - med["adamw_update"],
             }
+            if args.ops:
+                result["families"][case.family]["ops"] = trace_ops(case.step, args.steps)
             case.trainer.close()
             log(f"{case.family}: " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
     lines = ["| family | " + " | ".join(["model fwd", "loss fwd", "loss fwd+bwd", "AdamW",
@@ -580,6 +652,17 @@ def run_profile(args) -> dict:
                  m["adamw_update"], attn, m["train_step"]]
         lines.append(f"| {fam} | " + " | ".join(
             f"{c:.3f} ({100 * c / m['train_step']:.0f}%)" for c in cells) + " |")
+    if args.ops:
+        cats = ("matmul", "elementwise fusion", "copy / transpose", "loop control", "other")
+        lines += ["", "XLA ops per train step (profiler trace, exclusive ms, summed over threads):",
+                  "", "| family | " + " | ".join(cats) + " | all ops |",
+                  "|---|" + "---|" * (len(cats) + 1)]
+        for fam, r in result["families"].items():
+            o = r["ops"]
+            lines.append(f"| {fam} | " + " | ".join(
+                f"{o['ms_per_step'].get(c, 0.0):.1f} "
+                f"({100 * o['ms_per_step'].get(c, 0.0) / o['total_ms']:.0f}%)" for c in cats)
+                + f" | {o['total_ms']:.1f} |")
     result["table"] = "\n".join(lines)
     return result
 
@@ -608,6 +691,9 @@ def parse_args(argv=None):
         p.add_argument("--peak_repeats", type=int, default=5)
         p.add_argument("--out", default=None, help="write the JSON result here")
         p.add_argument("--quiet", action="store_true")
+        if name == "profile":
+            p.add_argument("--ops", action="store_true",
+                           help="also trace --steps train steps: time per XLA op category")
     return ap.parse_args(argv)
 
 

@@ -31,10 +31,15 @@ def test_bench_train_tiny_smoke(tmp_path):
 
 def test_bench_profile_tiny_smoke(tmp_path):
     result = bench.main(["profile", "--size", "tiny", "--families", "ar,bd3lm", "--steps", "1",
-                         "--passes", "1", "--quiet"])
+                         "--passes", "1", "--quiet", "--ops"])
     for fam in ("ar", "bd3lm"):
         med = result["families"][fam]["median_s"]
         assert med["train_step"] > 0 and med["loss_value_and_grad"] > 0
+    for fam in ("ar", "bd3lm"):
+        ops = result["families"][fam]["ops"]
+        assert ops["ms_per_step"]["matmul"] > 0 and ops["top_ops_ms"]
+        assert abs(sum(ops["ms_per_step"].values()) - ops["total_ms"]) < 1e-9
+    assert "| matmul | elementwise fusion |" in result["table"]
 
 
 def test_reference_comparison_needs_its_cpu_size_block_and_rows():
@@ -61,3 +66,21 @@ def test_ratios_raw_and_peak_normalised():
     zen5 = bench.reference_for(("26", "2"))
     assert "reference_mfu_own_count" not in bench._ratios(
         {"tokens_per_s": 1.0}, zen5, bench.reference_row(zen5, "ar", 1024, 2), 1.0)
+
+
+def test_exclusive_op_times_subtract_nested_ops_only():
+    """A while (0–100 µs) holding two body ops (10–30, 40–90) and a runtime event (a thread-pool
+    wait, 50–60, inside the second op); a Python event around everything; another thread."""
+    ev = [{"ph": "X", "name": "$api.py:1 block_until_ready", "ts": 0, "dur": 120, "tid": 1},
+          {"ph": "X", "name": "while.3", "ts": 0, "dur": 100, "tid": 1},
+          {"ph": "X", "name": "ynn_fusion.7", "ts": 10, "dur": 20, "tid": 1},
+          {"ph": "X", "name": "multiply_add_fusion", "ts": 40, "dur": 50, "tid": 1},
+          {"ph": "X", "name": "SlinkyThreadPool::Await", "ts": 50, "dur": 10, "tid": 1},
+          {"ph": "X", "name": "ynn_fusion.7", "ts": 0, "dur": 30, "tid": 2},
+          {"ph": "i", "name": "marker", "ts": 5, "tid": 1}]
+    got = bench.exclusive_op_times(ev)
+    assert got == {"while.3": 30, "ynn_fusion.7": 50, "multiply_add_fusion": 50}
+    assert [bench.op_category(n) for n in ("while.3", "ynn_fusion.7", "dot_general.2",
+                                           "transpose_copy_fusion.1", "multiply_add_fusion",
+                                           "wrapped_gather")] == [
+        "loop control", "matmul", "matmul", "copy / transpose", "elementwise fusion", "other"]
