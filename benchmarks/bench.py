@@ -84,7 +84,16 @@ REFERENCES = (
          {"family": "bd3lm", "seq_len": 256, "batch": 8, "tokens_per_s": 1304.0, "min": 910.0,
           "max": 1651.0, "step_s": 1.5705, "gflop_per_step": 104.7},
          {"family": "ar", "seq_len": 256, "batch": 8, "tokens_per_s": 2763.0, "min": 2172.0,
-          "max": 3721.0, "step_s": 0.7413, "gflop_per_step": 45.9}]},
+          "max": 3721.0, "step_s": 0.7413, "gflop_per_step": 45.9}],
+     # BD3-LM generation of 256 tokens, block 16 (tok/s = batch · 256 / seconds per run);
+     # "steps" per block as the generator reports it (first-hitting: one token per call, 16)
+     "sampling": [
+         {"family": "bd3lm", "sampler": "ancestral", "steps": 16, "length": 256, "batch": 8,
+          "cached": True, "tokens_per_s": 160.2, "seconds": 12.79},
+         {"family": "bd3lm", "sampler": "ancestral", "steps": 16, "length": 256, "batch": 8,
+          "cached": False, "tokens_per_s": 53.5, "seconds": 38.27},
+         {"family": "bd3lm", "sampler": "first_hitting", "steps": 16, "length": 256, "batch": 1,
+          "cached": True, "tokens_per_s": 60.5, "seconds": 4.23}]},
     {"source": "kuleshov-group/bd3lms @ 1c3e8f4 (torch 2.13), interleaved with dlm_jax over 3 "
                "rounds on the project's Zen 5 VM, 2026-12-01",
      "cpu": "AMD EPYC (Zen 5), 2 vCPUs", "cpu_family_model": ("26", "2"),
@@ -98,7 +107,14 @@ REFERENCES = (
          {"family": "mdlm", "seq_len": 1024, "batch": 2, "tokens_per_s": 4679.0, "step_s": 0.438},
          {"family": "ar", "seq_len": 1024, "batch": 2, "tokens_per_s": 5273.0, "step_s": 0.388},
          {"family": "bd3lm", "seq_len": 1024, "batch": 2, "tokens_per_s": 1680.0,
-          "step_s": 1.219}]},
+          "step_s": 1.219}],
+     "sampling": [
+         {"family": "bd3lm", "sampler": "ancestral", "steps": 16, "length": 256, "batch": 8,
+          "cached": True, "tokens_per_s": 450.0, "seconds": 4.55},
+         {"family": "bd3lm", "sampler": "ancestral", "steps": 16, "length": 256, "batch": 8,
+          "cached": False, "tokens_per_s": 157.0, "seconds": 13.1},
+         {"family": "bd3lm", "sampler": "first_hitting", "steps": 16, "length": 256, "batch": 1,
+          "cached": True, "tokens_per_s": 235.0, "seconds": 1.09}]},
 )
 # A family without its own row is compared with this one's (the same DiT over L tokens).
 REFERENCE_PROXY = {"sedd": "mdlm", "d3pm": "mdlm"}
@@ -323,6 +339,14 @@ class Case:
             "mfu": achieved / peak_flops,
             "final_loss": self.losses[-1] if self.losses else None,
         }
+
+
+def reference_sampling_row(ref: dict | None, row: dict) -> dict | None:
+    """`ref`'s generation row for a sampling case (family, sampler, steps per block, length,
+    batch, KV cache: the keys of `sample_bench` rows), else None."""
+    keys = ("family", "sampler", "steps", "length", "batch", "cached")
+    return next((r for r in (ref or {}).get("sampling", ())
+                 if all(r[k] == row.get(k) for k in keys)), None)
 
 
 def comparable_reference(cpu_family_model, size: str, seq_len: int, batch: int, block: int,

@@ -18,6 +18,9 @@ interleave the cases so the machine's drift hits all alike. tokens/s = batch · 
 `--per_call` lengths: one denoising call with the cache (the first half of L committed) against
 one recomputed call (the whole L), timed alone — NFE times that is what a whole generation costs,
 so the ratio at L 1024 stands in for a 25-minute recomputed generation.
+On a CPU model the PyTorch reference was measured on (`bench.REFERENCES`), the BD3-LM cases it
+has rows for (L 256, block 16: ancestral 16 steps per block at batch 8 with and without the KV
+cache, first-hitting at batch 1) also print its tokens/s and our ratio.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import machine_info, make_config  # noqa: E402
+from bench import (_cpu_family_model, machine_info, make_config, reference_for,  # noqa: E402
+                   reference_sampling_row)
 
 
 def _case(family, length, batch, *, sampler, cached, steps=0, block=16, size="bench",
@@ -107,6 +111,18 @@ def per_call_seconds(length, batch, *, cached, block=16, size="bench", calls=8, 
     return float(np.median(times))
 
 
+def attach_reference(rows: list[dict], ref: dict | None, size: str) -> list[dict]:
+    """Rows with the PyTorch reference's tokens/s and our ratio where `ref` (the entry for this
+    CPU model, `bench.reference_for`) measured the same case at the bench size, block 16."""
+    for row in rows:
+        match = (reference_sampling_row(ref, row) if size == "bench" and row.get("block") == 16
+                 else None)
+        if match:
+            row.update(reference_tokens_per_s=match["tokens_per_s"],
+                       ratio_tokens_per_s=row["tokens_per_s"] / match["tokens_per_s"])
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="256,1024,2048")
@@ -154,6 +170,12 @@ def main(argv=None) -> dict:
               f"{'cache ' if row['cached'] else 'recompute'} steps={row['steps']} "
               f"NFE={row['nfe']:5d} {med:8.3f}s {row['tokens_per_s']:9.0f} tok/s "
               f"(compile {row['compile_s']:.1f}s)", flush=True)
+    ref = reference_for(_cpu_family_model())
+    for row in attach_reference(rows, ref, args.size):
+        if "reference_tokens_per_s" in row:
+            print(f"  reference ({ref['cpu']}) {row['family']} {row['sampler']} "
+                  f"B={row['batch']} cached={row['cached']}: {row['reference_tokens_per_s']:.0f} "
+                  f"tok/s; ours {row['ratio_tokens_per_s']:.2f}x", flush=True)
     per_call = []
     for L in [int(x) for x in args.per_call.split(",") if x]:
         cached_s, full_s = (per_call_seconds(L, B, cached=c, size=args.size) for c in (True, False))
@@ -161,7 +183,8 @@ def main(argv=None) -> dict:
                          "ratio": full_s / cached_s})
         print(f"per call at L={L}: cached {cached_s * 1e3:.1f} ms, recomputed "
               f"{full_s * 1e3:.1f} ms: {full_s / cached_s:.1f}x", flush=True)
-    result = {"machine": machine_info(), "rows": rows, "per_call": per_call, "args": vars(args)}
+    result = {"machine": machine_info(), "rows": rows, "per_call": per_call, "args": vars(args),
+              "reference": ref}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -84,3 +84,29 @@ def test_exclusive_op_times_subtract_nested_ops_only():
                                            "transpose_copy_fusion.1", "multiply_add_fusion",
                                            "wrapped_gather")] == [
         "loop control", "matmul", "matmul", "copy / transpose", "elementwise fusion", "other"]
+
+
+def test_sampling_reference_rows_match_the_same_case_only():
+    import sample_bench
+    zen5 = bench.reference_for(("26", "2"))
+
+    def row(**kw):
+        base = {"family": "bd3lm", "sampler": "ancestral", "steps": 16, "length": 256,
+                "batch": 8, "cached": True, "block": 16, "tokens_per_s": 900.0}
+        return base | kw
+    rows = sample_bench.attach_reference(
+        [row(), row(cached=False, tokens_per_s=314.0), row(length=1024),
+         row(sampler="first_hitting", batch=1, tokens_per_s=470.0), row(block=8),
+         row(family="mdlm", steps=256)], zen5, "bench")
+    assert [r.get("reference_tokens_per_s") for r in rows] == [450.0, 157.0, None, 235.0, None,
+                                                               None]
+    assert rows[0]["ratio_tokens_per_s"] == 2.0 and rows[1]["ratio_tokens_per_s"] == 2.0
+    assert rows[3]["ratio_tokens_per_s"] == 2.0
+    assert "reference_tokens_per_s" not in sample_bench.attach_reference(
+        [row()], zen5, "tiny")[0]
+    assert "reference_tokens_per_s" not in sample_bench.attach_reference(
+        [row()], bench.reference_for(("25", "17")), "bench")[0]
+    for ref in bench.REFERENCES:   # tok/s = batch · 256 / seconds, to the figures' rounding
+        for r in ref["sampling"]:
+            assert abs(r["tokens_per_s"] - r["batch"] * r["length"] / r["seconds"]) \
+                <= 0.02 * r["tokens_per_s"], r
