@@ -48,7 +48,6 @@ MFU_TARGETS = {"ar": 0.45, "mdlm": 0.45, "bd3lm": 0.40}
 TARGET_SIZE = ("small", 1024)
 PATTERNS = ("full", "causal", "block_causal", "two_pass")
 PARTS = ("train", "sampling", "attention")
-GROUP_NAMES = ("bench-L256", "bench-L1024", "small-L1024")
 ATTN_SHAPE = {"batch": 2, "heads": 4, "head_dim": 64, "block": 16}
 
 
@@ -89,6 +88,11 @@ def train_groups(quick: bool, small_batch: int, reference: dict | None = None,
         if g["size"] == "bench" and own:
             g["reference_twins"] = {"dropout": reference["dropout"], "families": own}
     return groups
+
+
+def group_names(quick: bool = False) -> tuple[str, ...]:
+    """The names of the training groups a run plans (`train_groups`), for `--groups`."""
+    return tuple(g["name"] for g in train_groups(quick, small_batch=1))
 
 
 def sampling_specs(length: int, quick: bool = False) -> list[dict]:
@@ -621,8 +625,9 @@ def parse_args(argv=None):
                     help="render a saved result instead of measuring")
     ap.add_argument("--parts", type=_names(PARTS), default=None,
                     help=f"comma list of what to measure (default all: {','.join(PARTS)})")
-    ap.add_argument("--groups", type=_names(GROUP_NAMES), default=None,
-                    help=f"comma list of training groups (default all: {','.join(GROUP_NAMES)})")
+    ap.add_argument("--groups", type=_names(group_names()), default=None,
+                    help=f"comma list of training groups (default all: "
+                         f"{','.join(group_names())})")
     ap.add_argument("--families", type=_names(bench.FAMILIES), default=None,
                     help=f"comma list of families to train (default all: "
                          f"{','.join(bench.FAMILIES)})")
@@ -630,8 +635,8 @@ def parse_args(argv=None):
                     default=None, help="comma list of L for the attention rows "
                                        "(default 256,1024,4096; --quick 256)")
     args = ap.parse_args(argv)
-    if args.quick and set(args.groups or ()) - {GROUP_NAMES[0]}:
-        ap.error(f"--groups: --quick trains {GROUP_NAMES[0]} only")
+    if args.quick and set(args.groups or ()) - set(group_names(quick=True)):
+        ap.error(f"--groups: --quick trains {','.join(group_names(quick=True))} only")
     return args
 
 
