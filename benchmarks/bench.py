@@ -199,10 +199,17 @@ def _stats(xs) -> dict:
     return {"median": float(np.median(xs)), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+# OpenBLAS (numpy's BLAS) keeps its threads spinning for ~0.1 s after a call. A jax matmul timed
+# in that window shares the cores with them and ran ~30% slow here (150 against 208 GFLOP/s),
+# which inflated every MFU: numpy is timed after jax, then left to go idle.
+BLAS_SETTLE_S = 0.3
+
+
 def measure_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32",
                  with_numpy: bool = True) -> dict:
     """GFLOP/s of an n×n matmul through jax (jit, one device, in `dtype`) and numpy (float32;
-    `with_numpy` False skips it, e.g. beside an accelerator, where it is only host time)."""
+    `with_numpy` False skips it, e.g. beside an accelerator, where it is only host time).
+    jax's repeats all run before numpy's (see BLAS_SETTLE_S)."""
     import jax
     import jax.numpy as jnp
     rng = np.random.default_rng(0)
@@ -210,26 +217,30 @@ def measure_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32",
     b_np = rng.standard_normal((n, n), dtype=np.float32)
     a, b = jnp.asarray(a_np, dtype), jnp.asarray(b_np, dtype)
     f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    flop = 2.0 * n ** 3
-    jt, nt = [], []
+    jt = _repeat_timed(lambda: f(a, b).block_until_ready(), repeats)
+    nt = [float("nan")]
     if with_numpy:
-        np.matmul(a_np, b_np)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        jt.append(time.perf_counter() - t0)
-        if with_numpy:
-            t0 = time.perf_counter()
-            np.matmul(a_np, b_np)
-            nt.append(time.perf_counter() - t0)
-    nt = nt or [float("nan")]
+        nt = _repeat_timed(lambda: np.matmul(a_np, b_np), repeats)
+        time.sleep(BLAS_SETTLE_S)
+    flop = 2.0 * n ** 3
     return {"n": n, "jax_gflops": flop / np.median(jt) / 1e9,
             "jax_gflops_best": flop / min(jt) / 1e9,
             "numpy_gflops": flop / np.median(nt) / 1e9,
             "numpy_gflops_best": flop / min(nt) / 1e9,
-            "dtype": dtype, "jax_s": [float(t) for t in jt], "numpy_s": [float(t) for t in nt],
+            "dtype": dtype, "jax_s": [float(t) for t in jt],
+            "numpy_s": [float(t) for t in nt] if with_numpy else [],
             "loadavg": list(os.getloadavg())}
+
+
+def _repeat_timed(call, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `call`, after one untimed call."""
+    call()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def _cpu_family_model() -> tuple[str, str] | None:

@@ -29,6 +29,29 @@ def test_bench_train_tiny_smoke(tmp_path):
     assert "| mdlm |" in data["table"]
 
 
+def test_peak_times_jax_before_numpy_and_lets_blas_settle(monkeypatch):
+    """numpy's BLAS threads spin after a call and slow a jax matmul timed next to it (~30%
+    here): every jax call must come before the first numpy one, and the peak must wait after."""
+    events = []
+    import jax
+    real_jit, real_matmul = jax.jit, bench.np.matmul
+
+    def jit(fn):
+        compiled = real_jit(fn)
+        return lambda *a: (events.append("jax"), compiled(*a))[1]
+
+    monkeypatch.setattr(jax, "jit", jit)
+    monkeypatch.setattr(bench.np, "matmul",
+                        lambda *a: (events.append("numpy"), real_matmul(*a))[1])
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    peak = bench.measure_peak(64, repeats=3)
+    assert events == ["jax"] * 4 + ["numpy"] * 4 + [f"sleep {bench.BLAS_SETTLE_S}"], events
+    assert len(peak["jax_s"]) == len(peak["numpy_s"]) == 3
+    events.clear()
+    bench.measure_peak(64, repeats=2, with_numpy=False)
+    assert events == ["jax"] * 3
+
+
 def test_bench_profile_tiny_smoke(tmp_path):
     result = bench.main(["profile", "--size", "tiny", "--families", "ar,bd3lm", "--steps", "1",
                          "--passes", "1", "--quiet", "--ops"])
