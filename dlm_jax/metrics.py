@@ -95,9 +95,13 @@ def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: f
             f"eta {format_duration(eta_s)}")
 
 
-def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of an n×n float32 matmul on the default device (best of `repeats`)."""
-    a = jnp.ones((n, n), jnp.float32)
+def measure_peak_flops(n: int | None = None, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of an n×n matmul in `dtype` (the model's compute dtype: bf16 runs ~2× f32 on
+    accelerators) on the default device, best of `repeats`; n defaults to 1024 on CPU and 8192
+    elsewhere (a 1024² matmul is launch-bound on a GPU or TPU, which would understate its peak)."""
+    if n is None:
+        n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = float("inf")
@@ -106,3 +110,13 @@ def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best
+
+
+def combined_peak_flops(per_device: float, devices) -> float:
+    """The peak of `devices` together, from one device's measured peak. Accelerators add up;
+    CPU devices of one process (e.g. `--xla_force_host_platform_device_count` fakes) share that
+    host's cores, which one device's matmul already uses, so each CPU host counts once."""
+    devices = list(devices)
+    if devices and all(d.platform == "cpu" for d in devices):
+        return per_device * len({d.process_index for d in devices})
+    return per_device * len(devices)

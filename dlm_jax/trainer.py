@@ -34,7 +34,8 @@ from dlm_jax.config import Config, ConfigError, config_changes
 from dlm_jax.data.pipeline import to_global
 from dlm_jax.evals import build_evaluators, run_evaluators
 from dlm_jax.evals.validation import format_metrics
-from dlm_jax.metrics import MetricsWriter, measure_peak_flops, progress_line
+from dlm_jax.metrics import (MetricsWriter, combined_peak_flops, measure_peak_flops,
+                             progress_line)
 from dlm_jax.state import TrainState, make_optimizer
 from dlm_jax.steps import TrainProgram
 
@@ -63,7 +64,9 @@ class Trainer:
         self.exp = registry.build(cfg, devices)
         self.program = TrainProgram(self.exp, make_optimizer(cfg.optim, cfg.train.steps))
         self.evaluators = build_evaluators(self.exp, self.program)
-        self.peak_flops = measure_peak_flops() * jax.device_count() if measure_mfu else None
+        self.peak_flops = combined_peak_flops(
+            measure_peak_flops(dtype=cfg.model.compute_dtype),
+            self.exp.mesh.devices.flat) if measure_mfu else None
         self.metrics = MetricsWriter(self.workdir, cfg.train.tensorboard)
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep,
                                  async_save=cfg.train.async_checkpoint, create=False)
