@@ -12,10 +12,11 @@
 #      values and gradients against dense attention, per op and through a bf16 model;
 #   2. the performance table's small size at L 1024 (AR, MDLM, BD3-LM; bf16, batch 16; xla and
 #      the platform kernel interleaved) with the MFU targets: train_<platform>.json / .md;
-#   3. attention fwd+bwd at L 1024 and 4096 per backend: attention_<platform>.json / .md;
+#   3. attention fwd+bwd at L 1024 and 4096 per backend (on a GPU also cudnn_mask, the patterns
+#      as a dense mask for cuDNN): attention_<platform>.json / .md;
 # into DIR (default $OUT, else /tmp/accelerator_check), beside kernel_tests.log and
 # versions.txt. Each step has its own time limit (CHECK_TEST_S, CHECK_TRAIN_S,
-# CHECK_ATTENTION_S seconds; 120 + 240 + 90 at most, under 8 minutes with the setup).
+# CHECK_ATTENTION_S seconds; 120 + 240 + 120 at most, under 9 minutes with the setup).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"   # the device image's python3 holds its jax
@@ -36,12 +37,7 @@ esac
 DIR="${2:-${OUT:-/tmp/accelerator_check}}"
 mkdir -p "$DIR"
 export PYTHONPATH="$PWD"
-WHEEL_DIR="${CHECK_WHEELS:-.whl}"
-if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$WHEEL_DIR"/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD"
-fi
+# the platform first: a machine without an accelerator is refused before anything installs
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 platform=$("$PY" -c "import jax; print(jax.default_backend())") || exit 1
 case "$platform" in
@@ -49,6 +45,12 @@ case "$platform" in
   tpu) export JAX_PLATFORMS=tpu; kernel=splash ;;
   *) echo "no accelerator here: jax's default backend is '$platform'" >&2; exit 2 ;;
 esac
+WHEEL_DIR="${CHECK_WHEELS:-.whl}"
+if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$WHEEL_DIR"/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
 { "$PY" -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__,
   'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
@@ -68,7 +70,7 @@ timeout "${CHECK_TRAIN_S:-240}" "$PY" benchmarks/perf_table.py --parts train \
 train_rc=${PIPESTATUS[0]}
 
 echo "== 3. attention fwd+bwd, L 1024 and 4096: $kernel and xla against dense"
-timeout "${CHECK_ATTENTION_S:-90}" "$PY" benchmarks/perf_table.py --parts attention \
+timeout "${CHECK_ATTENTION_S:-120}" "$PY" benchmarks/perf_table.py --parts attention \
   --attention_lengths 1024,4096 --readme '' --out "$DIR/attention_$platform.json" 2>&1 \
   | tee "$DIR/attention_$platform.md"
 attention_rc=${PIPESTATUS[0]}

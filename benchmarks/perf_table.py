@@ -58,12 +58,20 @@ ATTN_SHAPE = {"batch": 2, "heads": 4, "head_dim": 64, "block": 16}
 def platform_settings(backend: str) -> dict:
     """Dtype, peak size, small-size batch and attention backends for a jax platform."""
     accel = backend != "cpu"
-    extra = {"tpu": ("splash",), "gpu": ("cudnn",)}.get(backend, ())
+    # cudnn_mask: measured only (not a `model.attention` backend), see masked_cudnn_attention
+    extra = {"tpu": ("splash",), "gpu": ("cudnn", "cudnn_mask")}.get(backend, ())
     return {"backend": backend, "accelerator": accel,
             "dtype": "bfloat16" if accel else "float32",
             "peak_n": 8192 if accel else 2048,
             "small_batch": 16 if accel else 1,
             "attention_backends": ("dense", "xla") + extra}
+
+
+def model_kernels(settings: dict) -> tuple[str, ...]:
+    """The platform's kernel backends a model can be configured with (`model.attention`):
+    the attention backends but dense, xla and the measured-only cudnn_mask."""
+    return tuple(b for b in settings["attention_backends"]
+                 if b not in ("dense", "xla", "cudnn_mask"))
 
 
 def train_groups(quick: bool, small_batch: int, reference: dict | None = None,
@@ -233,6 +241,25 @@ def run_sampling(settings: dict, *, length: int, batch: int, passes: int, repeat
     return rows
 
 
+def masked_cudnn_attention(q, k, v, pattern, implementation: str = "cudnn"):
+    """`jax.nn.dot_product_attention` given `pattern` as a dense (1, 1, Lq, Lk) bool mask, which
+    jax hands to cuDNN as a bias. Measured beside the `cudnn` backend (`cudnn_mask` in the
+    attention table): what block-causal and two-pass attention, which have no cuDNN mask type
+    and fall back to flash there, would get from the fused kernel without tile skipping.
+    q (B, Lq, H, Dh), k/v (B, Lk, H, Dh) → (B, Lq, H, Dh); `implementation="xla"` on CPU
+    (tests)."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+    lq, lk = q.shape[1], k.shape[1]
+    mask = pattern.allowed(jnp.arange(lq)[:, None], jnp.arange(lk)[None, :], lk)
+    o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                     mask=mask[None, None], scale=1.0 / math.sqrt(q.shape[-1]),
+                                     implementation=implementation)
+    return o.astype(q.dtype)
+
+
 def attention_case(kind: str, L: int, backend: str, dtype: str):
     """A blocking fwd+bwd of `attend` for pattern `kind` over a stream of L tokens (2L keys for
     two-pass), or the reason it cannot run here."""
@@ -248,6 +275,8 @@ def attention_case(kind: str, L: int, backend: str, dtype: str):
                for kk in keys)
 
     def loss(q, k, v):
+        if backend == "cudnn_mask":
+            return masked_cudnn_attention(q, k, v, pattern).astype(jnp.float32).sum()
         return attend(q, k, v, pattern, backend=backend).astype(jnp.float32).sum()
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     try:
@@ -316,7 +345,7 @@ def measure(args) -> dict:
     steps, passes, warmup = (2, 2, 0) if args.quick else (args.steps, args.passes, 1)
     parts = args.parts or PARTS
     groups = train_groups(args.quick, args.small_batch or settings["small_batch"], reference,
-                          kernels=settings["attention_backends"][2:])
+                          kernels=model_kernels(settings))
     result["train"] = []
     for group in groups if "train" in parts else ():
         if args.groups and group["name"] not in args.groups:
@@ -554,6 +583,10 @@ def render(result: dict) -> str:
                   f"H {sh['heads']}, Dh {sh['head_dim']}, blocks of {sh['block']}, "
                   f"{s['dtype']}; ms per call, speed-up over dense masked attention):", "",
                   attention_table(result["attention"], s["attention_backends"])]
+        if "cudnn_mask" in s["attention_backends"]:
+            parts += ["", "`cudnn_mask`: cuDNN fused attention given the pattern as a dense "
+                      "mask (a bias; no tile skipped), not a `model.attention` backend: what "
+                      "the patterns `cudnn` leaves to flash would get from the fused kernel."]
     missing = [r for r in result["attention"] if "error" in r]
     if missing:
         parts += ["", "Unavailable here: " + "; ".join(

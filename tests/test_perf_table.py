@@ -274,10 +274,13 @@ def test_datasheet_peaks_and_the_target_judged_on_them():
 
 def test_accelerator_check_refuses_a_machine_without_one(tmp_path):
     """The prepared device script: usage errors and a CPU-only jax end it at once (exit 2),
-    before any test or benchmark runs."""
+    before any wheel is installed (a broken one is planted) or any test or benchmark runs."""
     import subprocess
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accelerator_check.sh")
-    env = {**os.environ, "PYTHON": sys.executable, "CHECK_WHEELS": str(tmp_path / "none"),
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "broken-0.0-py3-none-any.whl").write_text("not a zip")
+    env = {**os.environ, "PYTHON": sys.executable, "CHECK_WHEELS": str(wheels),
            "JAX_PLATFORMS": "cpu"}
     bad = subprocess.run(["bash", script, "bogus"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "usage" in bad.stderr
@@ -286,3 +289,32 @@ def test_accelerator_check_refuses_a_machine_without_one(tmp_path):
     assert run.returncode == 2, run.stderr
     assert "no accelerator here: jax's default backend is 'cpu'" in run.stderr
     assert not os.listdir(tmp_path / "out")
+
+
+def test_masked_cudnn_variant_is_measured_on_gpus_only_and_equals_dense_attention():
+    """`cudnn_mask` (a pattern as a dense mask for cuDNN) joins the GPU attention table, never
+    the model backends of the training groups; with jax's xla implementation standing in for
+    cuDNN on CPU it equals the dense masked attention in values and gradients."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dlm_jax.models.attention import attend
+    gpu, cpu = pt.platform_settings("gpu"), pt.platform_settings("cpu")
+    assert "cudnn_mask" in gpu["attention_backends"]
+    assert "cudnn_mask" not in cpu["attention_backends"]
+    assert pt.model_kernels(gpu) == ("cudnn",) and pt.model_kernels(cpu) == ()
+    assert pt.model_kernels(pt.platform_settings("tpu")) == ("splash",)
+    md = pt.render(_result("gpu"))
+    assert "`cudnn_mask`: cuDNN fused attention given the pattern" in md
+    assert "`cudnn_mask`" not in pt.render(_result("cpu"))
+    keys = jax.random.split(jax.random.key(3), 3)
+    for pattern, n in [(MaskPattern("block_causal", 4), 16), (MaskPattern("two_pass", 4), 32),
+                       (MaskPattern("causal"), 16)]:
+        q, k, v = (jax.random.normal(kk, (2, n, 2, 8), jnp.float32) for kk in keys)
+        ours = jax.value_and_grad(lambda q, k, v: pt.masked_cudnn_attention(
+            q, k, v, pattern, implementation="xla").sum() ** 2, argnums=(0, 1, 2))(q, k, v)
+        dense = jax.value_and_grad(lambda q, k, v: attend(
+            q, k, v, pattern, backend="dense").sum() ** 2, argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(dense)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
