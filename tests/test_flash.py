@@ -133,7 +133,8 @@ def test_schedule_skips_masked_tiles():
     np.testing.assert_array_equal(banded, flash_schedule(MaskPattern("block_causal", 16), L, L,
                                                          t, t))
     assert default_blocks(L, 2 * L) == (min(L, flash.BLOCK_Q), min(2 * L, flash.BLOCK_K))
-    assert default_blocks(4096, 4096) == (flash.LONG_BLOCK_Q, flash.LONG_BLOCK_K)
+    assert default_blocks(4096, 4096) == (flash.BLOCK_Q, flash.BLOCK_K) == (512, 256)
+    assert default_blocks(100, 4096) == (100, 256)
 
 
 def _scan_lengths(jaxpr):

@@ -39,23 +39,21 @@ from dlm_jax.models.attention import MaskPattern
 
 Array = jax.Array
 
-# Default tiles (`default_blocks`) by the keys the tiles cover (a two-pass pattern's clean half
-# once its noisy diagonal is computed densely), from fwd+bwd timings on a 2-core AMD EPYC
-# (B 2, H 4, Dh 64, interleaved): 256 × 256 up to 1024 keys (against 128 × 128: 1.11–1.26×
-# faster at L 1024 for every pattern, 1.09–1.51× at L 256 but two-pass 0.97×, equal at 512),
-# 256 × 512 beyond (full attention at L 2048 1.51× faster than 128 × 128, 1.13× than
-# 256 × 256; at L 4096 1.2× faster than 128 × 128 on an Intel Xeon).
-BLOCK_Q, BLOCK_K = 256, 256
-LONG_KEYS = 1024
-LONG_BLOCK_Q, LONG_BLOCK_K = 256, 512
+# Default tiles (`default_blocks`): 512 queries × 256 keys at every length, from fwd+bwd timings
+# on a 2-core AMD EPYC (B 2, H 4, Dh 64, float32, interleaved). Against the 256 × 256 (up to 1024
+# keys) / 256 × 512 tiles before: full attention 1.30× faster at L 1024 and 1.19× at 4096, causal
+# 1.11× / 1.22×, block-causal 1.06× / 1.4×, two-pass 1.39× at L 256 and 1.05× at 1024; taller
+# query tiles mean fewer scan steps and larger dots for XLA:CPU's per-head matmuls, and 256 keys
+# keep each step's scores small. 1024 × 128 was faster still for full attention alone (L 1024
+# 1.10×, 4096 1.07× over 512 × 256) but slower for causal (0.83× at L 1024).
+BLOCK_Q, BLOCK_K = 512, 256
 _NEG = -1e30  # masked score: finite, so a row whose first tiles are all masked stays nan-free
 
 
 def default_blocks(lq: int, lk: int) -> tuple[int, int]:
     """(tq, tk): the tile sizes `flash_attention` uses when none are given, for lq queries and
     lk keys covered by tiles."""
-    tq, tk = (BLOCK_Q, BLOCK_K) if lk <= LONG_KEYS else (LONG_BLOCK_Q, LONG_BLOCK_K)
-    return min(lq, tq), min(lk, tk)
+    return min(lq, BLOCK_Q), min(lk, BLOCK_K)
 
 
 def _blocks(lq, lk, block_q, block_k):
