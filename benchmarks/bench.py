@@ -217,10 +217,12 @@ def measure_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32",
     b_np = rng.standard_normal((n, n), dtype=np.float32)
     a, b = jnp.asarray(a_np, dtype), jnp.asarray(b_np, dtype)
     f = jax.jit(jnp.matmul)
-    jt = _repeat_timed(lambda: f(a, b).block_until_ready(), repeats)
+    f(a, b).block_until_ready()  # compile
+    jt = _timed(f, (a, b), repeats)
     nt = [float("nan")]
     if with_numpy:
-        nt = _repeat_timed(lambda: np.matmul(a_np, b_np), repeats)
+        np.matmul(a_np, b_np)
+        nt = _timed(np.matmul, (a_np, b_np), repeats)
         time.sleep(BLAS_SETTLE_S)
     flop = 2.0 * n ** 3
     return {"n": n, "jax_gflops": flop / np.median(jt) / 1e9,
@@ -230,17 +232,6 @@ def measure_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32",
             "dtype": dtype, "jax_s": [float(t) for t in jt],
             "numpy_s": [float(t) for t in nt] if with_numpy else [],
             "loadavg": list(os.getloadavg())}
-
-
-def _repeat_timed(call, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of `call`, after one untimed call."""
-    call()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def _cpu_family_model() -> tuple[str, str] | None:

@@ -251,9 +251,7 @@ def masked_cudnn_attention(q, k, v, pattern, implementation: str = "cudnn"):
     import math
 
     import jax
-    import jax.numpy as jnp
-    lq, lk = q.shape[1], k.shape[1]
-    mask = pattern.allowed(jnp.arange(lq)[:, None], jnp.arange(lk)[None, :], lk)
+    mask = pattern.dense(q.shape[1], k.shape[1])
     o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                      mask=mask[None, None], scale=1.0 / math.sqrt(q.shape[-1]),
                                      implementation=implementation)
