@@ -19,9 +19,10 @@ on the requested shardings), so `model.scan_layers` may change between runs of o
 Faults: a newest checkpoint that cannot be restored (a truncated or corrupt file) is renamed
 `<step>.unreadable` — kept, never deleted — and the next older one is tried, the reason in one
 line (orbax's error and its root cause; the debris of orbax's abandoned reads is silenced,
-`_silence_abandoned_reads`); a save that fails
+`_silence_abandoned_io`); a save that fails
 (disk full, a read-only directory) raises `CheckpointError` naming the step and the directory,
-at the save itself or, for an asynchronous save, at the next `check()`.
+at the save itself or, for an asynchronous save, at the next `check()` (its abandoned writes'
+debris silenced the same way).
 """
 from __future__ import annotations
 
@@ -87,17 +88,17 @@ class _DropAbandonedOrbaxTasks(py_logging.Filter):
                                          or "destroyed but it is pending" in text))
 
 
-_debris_filters: list = []   # installed once per process, by the first failed restore
+_debris_filters: list = []   # installed once per process, by the first failed restore or save
 
 
-def _silence_abandoned_reads() -> None:
-    """When an orbax restore fails (a truncated file, say), orbax closes its event loop with
-    the reads of the other arrays still pending: as tensorstore finishes them and the garbage
-    collector meets them, seconds later, each prints a traceback with a tensorstore spec,
-    thousands of lines for one bad file. We report the failure once, in one line; this drops
-    that debris (`_is_abandoned_read`, `_DropAbandonedOrbaxTasks`, orbax coroutines never
-    awaited) for the rest of the process. Every other unraisable error, asyncio message and
-    warning reaches its usual handler."""
+def _silence_abandoned_io() -> None:
+    """When an orbax restore fails (a truncated file, say), orbax closes its event loop with the
+    reads of the other arrays still pending (a failed save likewise leaves its writes): as
+    tensorstore finishes them and the garbage collector meets them, seconds later, each prints a
+    traceback with a tensorstore spec, thousands of lines for one bad file. We report the
+    failure once, in one line; this drops that debris (`_is_abandoned_read`,
+    `_DropAbandonedOrbaxTasks`, orbax coroutines never awaited) for the rest of the process.
+    Every other unraisable error, asyncio message and warning reaches its usual handler."""
     if _debris_filters:
         return
     previous = sys.unraisablehook
@@ -110,8 +111,9 @@ def _silence_abandoned_reads() -> None:
     py_logging.getLogger("asyncio").addFilter(quiet)
     warnings.filterwarnings("ignore", category=RuntimeWarning,
                             message=r"coroutine '(_read_array_index_and_device_put|"
-                                    r"_read_and_create_array|async_deserialize)' was never "
-                                    r"awaited")
+                                    r"_read_and_create_array|async_deserialize|"
+                                    r"async_serialize_from_host\.<locals>\.write_fragment)' "
+                                    r"was never awaited")
     _debris_filters.extend((hook, quiet))
 
 
@@ -150,6 +152,7 @@ class Checkpointer:
         try:
             saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
         except Exception as e:  # noqa: BLE001 - re-raised with the step and the directory
+            _silence_abandoned_io()   # the failed save's pending writes
             raise CheckpointError(f"saving step {step} to {self.directory} failed: "
                                   f"{_first_line(e)}") from e
         if saved:
@@ -181,7 +184,7 @@ class Checkpointer:
         try:
             return self._relayout_unguarded(step, item, abstract, restore)
         except Exception:
-            _silence_abandoned_reads()   # a failed read leaves orbax's debris behind
+            _silence_abandoned_io()   # a failed read leaves orbax's debris behind
             raise
 
     def _relayout_unguarded(self, step: int, item: str, abstract: Any, restore):
@@ -297,6 +300,7 @@ class Checkpointer:
         try:
             self._mngr.wait_until_finished()
         except Exception as e:  # noqa: BLE001
+            _silence_abandoned_io()   # the failed save's pending writes
             what = f"step {step}" if step is not None else "a checkpoint"
             raise CheckpointError(f"saving {what} to {self.directory} failed: "
                                   f"{_first_line(e)}") from e
@@ -324,6 +328,7 @@ def save_params(directory: str, step: int, params: Any, *, in_flight_gb: float =
         mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params)))
         mngr.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - re-raised with the directory
+        _silence_abandoned_io()   # the failed save's pending writes
         raise CheckpointError(f"saving parameters to {directory} failed: {_first_line(e)}") from e
     finally:
         mngr.close()
