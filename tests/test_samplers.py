@@ -42,7 +42,7 @@ def _counts(key, log_probs, n, k=0, top_p=1.0, temperature=1.0):
     return jnp.bincount(draws, length=log_probs.shape[-1])
 
 
-def test_categorical_chi_square_with_a_rare_token():
+def test_categorical_chi_square_with_a_rare_token(optimized):
     """2^27 draws: the 1e-7 token appears ≈ 13 times (a float32 Gumbel of −log(−log U) with U on
     the 2^-23 grid cannot produce it: its largest value is ≈ 16.6 < −log 1e-7 + the top's)."""
     p = np.array([1e-7, 0.25, 0.75 - 1e-7])

@@ -1,0 +1,45 @@
+"""The suite compiles at XLA backend optimisation level 0 (tests/conftest.py); what it tests must not
+depend on that: a DiT's loss gradients agree with the fully optimised build (the `optimized`
+fixture's)."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dlm_jax.models import DiT
+
+
+def _loss_grads(model):
+    x = jax.random.randint(jax.random.key(1), (2, 16), 0, 37)
+    t = jnp.array([0.3, 0.8])
+
+    @jax.jit
+    def loss(m):
+        return jax.nn.log_softmax(m(x, t)).mean()
+
+    return jax.tree.leaves(nnx.state(nnx.grad(loss)(model), nnx.Param))
+
+
+def test_suite_default_is_level_0():
+    if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true"):
+        assert jax.config.read("jax_disable_most_optimizations")
+
+
+def test_level_0_and_optimised_builds_agree(request):
+    default = jax.config.read("jax_disable_most_optimizations")
+    model = DiT(37, 32, 2, 4, rngs=nnx.Rngs(0), cond_dim=16, time_conditioning=True, dropout=0.0)
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        low = _loss_grads(model)
+    finally:
+        jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", default)
+    request.getfixturevalue("optimized")
+    assert not jax.config.read("jax_disable_most_optimizations")
+    high = _loss_grads(model)
+    assert len(low) == len(high) > 10
+    for a, b in zip(low, high):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
