@@ -1,6 +1,6 @@
-"""The suite compiles at XLA backend optimisation level 0 (tests/conftest.py); what it tests must not
-depend on that: a DiT's loss gradients agree with the fully optimised build (the `optimized`
-fixture's)."""
+"""The suite compiles at XLA backend optimisation level 0 (tests/conftest.py); what it tests
+must not depend on that: a DiT's loss gradients agree with the fully optimised build (the
+`optimized` fixture's)."""
 import os
 
 import jax
@@ -30,6 +30,11 @@ def test_suite_default_is_level_0():
 def test_level_0_and_optimised_builds_agree(request):
     default = jax.config.read("jax_disable_most_optimizations")
     model = DiT(37, 32, 2, 4, rngs=nnx.Rngs(0), cond_dim=16, time_conditioning=True, dropout=0.0)
+    params = nnx.state(model, nnx.Param)  # random everywhere: the zero-initialised output and
+    rng = np.random.default_rng(0)        # adaLN layers would leave most gradients exactly 0
+    scale = lambda x: x.shape[0] ** -0.5 if x.ndim > 1 else 1.0  # noqa: E731  (1/sqrt(fan in))
+    nnx.update(model, jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(0, scale(x), x.shape), x.dtype), params))
     jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", True)
     try:
@@ -40,6 +45,7 @@ def test_level_0_and_optimised_builds_agree(request):
     request.getfixturevalue("optimized")
     assert not jax.config.read("jax_disable_most_optimizations")
     high = _loss_grads(model)
-    assert len(low) == len(high) > 10
+    assert len(low) == len(high) > 10 and all(np.abs(g).max() > 1e-4 for g in high)
     for a, b in zip(low, high):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        # float32 rounding of another summation order (differences about 1e-7 here)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
