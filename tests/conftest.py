@@ -15,7 +15,7 @@ os.environ["XLA_FLAGS"] = cpu_xla_flags(_flags, devices=None if FAKE_DEVICES_FLA
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most tests run a tiny program a few times, so compiling it is most of their cost: XLA's backend
 # at optimisation level 0 compiles about 40% faster and runs such programs about 3× slower; the
-# cold suite took 13.0 instead of 18.4 min on 2 cores. HLO passes (fusion, layout) still run and
+# cold suite took 13-14 instead of 18.4 min on 2 cores. HLO passes (fusion, layout) still run and
 # results agree with an optimised build to float rounding. Subprocesses inherit it; tests whose
 # run time dominates take the `optimized` fixture; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
