@@ -6,6 +6,7 @@ get generous XLA:CPU rendezvous timeouts (`dlm_jax.cli.cpu_xla_flags`): with the
 thread aborts the process after 20 s + 40 s at a rendezvous) a loaded machine kills the test run. Subprocesses inherit both; those that train or
 sample through the CLIs use 2 fake devices (`cpu_xla_flags(…, devices=2)`).
 """
+import contextlib
 import os
 
 from dlm_jax.cli import FAKE_DEVICES_FLAG, cpu_xla_flags  # imports no jax
@@ -45,13 +46,24 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
+@contextlib.contextmanager
+def backend_optimisation(full: bool):
+    """Compile the programs of this block at XLA's full backend optimisation (`full`) or at level 0,
+    then restore the level before; jit caches are cleared on both sides, so no executable
+    compiled at the other level is reused."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", not full)
+    try:
+        yield
+    finally:
+        jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture
 def optimized():
-    """Compile this test's programs with XLA's full backend optimisation (the suite's default is
-    level 0, above): for tests that run many steps, where run time outweighs compile time."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.clear_caches()  # no executable compiled at the other level is reused
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.clear_caches()
-    jax.config.update("jax_disable_most_optimizations", before)
+    """Full backend optimisation for this test (the suite's default is level 0, above): for
+    tests that run many steps, where run time outweighs compile time."""
+    with backend_optimisation(full=True):
+        yield

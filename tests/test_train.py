@@ -27,6 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _cfg(arg="mdlm", **train):
     cfg = tiny.get_config(arg)
     cfg.mesh.shape = (1, 1, 1)
+    if arg == "csm":  # the exact estimator runs the model at all L·(V−1) neighbours: run-bound
+        cfg.train.batch_size = 2
     for k, v in train.items():
         setattr(cfg.train, k, v)
     return cfg
@@ -46,8 +48,6 @@ FAMILIES = ["ar", "mdlm", "bd3lm,block=8", "sedd", "sedd,process=uniform", "d3pm
 @pytest.mark.parametrize("arg", FAMILIES)
 def test_family_learns_a_fixed_batch(arg, tmp_path):
     cfg = _cfg(arg)
-    if arg == "csm":  # the exact estimator runs the model at all L·(V−1) neighbours: run-bound
-        cfg.train.batch_size = 2
     cfg.optim.warmup_steps = 1
     trainer = Trainer(cfg, str(tmp_path), devices=jax.devices()[:1], measure_mfu=False)
     state = trainer.init_state()
@@ -350,8 +350,6 @@ def test_new_objectives_train_and_validate_from_a_config(arg, keys, absent, tmp_
     """CTMC reports its bound in nats/token (with perplexity); CSM its objective J and the
     pseudo-likelihood, and no perplexity (J is not a likelihood)."""
     cfg = _cfg(arg, steps=4, log_every=4, eval_every=4, ckpt_every=4, eval_batches=1)
-    if arg == "csm":  # the exact estimator runs the model at all L·(V−1) neighbours
-        cfg.train.batch_size = 2
     trainer = Trainer(cfg, str(tmp_path), measure_mfu=False)
     summary = trainer.run()
     trainer.close()
