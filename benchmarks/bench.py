@@ -40,6 +40,10 @@ reference figures and our/reference ratios (raw and normalised by each side's ma
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc's malloc set to reuse freed memory, before jax starts
+    from dlm_jax.hostmem import retain_freed_memory  # (dlm_jax.hostmem; as the CLIs do)
+    retain_freed_memory()
+
 import argparse
 import collections
 import datetime
@@ -54,6 +58,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from dlm_jax.hostmem import malloc_mode
 
 # family: (registry family, takes the block size, extra config fields)
 CASES = {
@@ -254,6 +260,7 @@ def machine_info() -> dict:
             "cpu_count": os.cpu_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "host_malloc": malloc_mode(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     for mod in ("flax", "optax", "numpy"):
         try:

@@ -26,6 +26,10 @@ interleaved with the rest of their group.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc's malloc set to reuse freed memory, before jax starts
+    from dlm_jax.hostmem import retain_freed_memory  # (dlm_jax.hostmem; as the CLIs do)
+    retain_freed_memory()
+
 import argparse
 import json
 import os
@@ -388,7 +392,14 @@ def machine_line(result: dict) -> str:
     return (f"Machine: {m.get('cpu', '?')} (cpu family {fm[0]} model {fm[1]}, "
             f"{m.get('cpu_count', '?')} cores), jax {m.get('jax', '?')} on {s['backend']} "
             f"({', '.join(m.get('devices', [])[:1])}), {s['dtype']}; {m.get('date', '')}, "
-            f"{mode}, {result.get('wall_s', 0) / 60:.0f} min.")
+            f"{mode}, {result.get('wall_s', 0) / 60:.0f} min; host malloc "
+            f"{MALLOC_WORDS[m.get('host_malloc', 'system')]}.")
+
+
+# How the C library's malloc was set (`dlm_jax.hostmem`); results from before the setting
+# existed have no such key: they ran with the C library's defaults.
+MALLOC_WORDS = {"retained": "reusing freed memory (`dlm_jax.hostmem`)",
+                "system": "the C library's defaults"}
 
 
 def peak_line(result: dict) -> str:

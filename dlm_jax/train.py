@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dlm_jax.cli import fail, parse_flags, quiet_background_errors, set_cpu_xla_flags
+from dlm_jax.hostmem import retain_freed_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
                                           lock_config=False)
@@ -168,4 +169,5 @@ def _message(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # before jax starts (config files import it): dlm_jax.hostmem
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
