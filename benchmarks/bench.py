@@ -41,7 +41,7 @@ reference figures and our/reference ratios (raw and normalised by each side's ma
 from __future__ import annotations
 
 if __name__ == "__main__":  # glibc's malloc set to reuse freed memory, before jax starts
-    from dlm_jax.hostmem import retain_freed_memory  # (dlm_jax.hostmem; as the CLIs do)
+    from dlm_jax.hostmem import retain_freed_memory  # (as `python -m dlm_jax.train` does)
     retain_freed_memory()
 
 import argparse

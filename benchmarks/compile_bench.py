@@ -14,10 +14,6 @@ times N executions of the compiled step on a fresh state (median seconds per ste
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc's malloc set to reuse freed memory, before jax starts
-    from dlm_jax.hostmem import retain_freed_memory  # (dlm_jax.hostmem; as the CLIs do)
-    retain_freed_memory()
-
 import argparse
 import json
 import os

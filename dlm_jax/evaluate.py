@@ -25,8 +25,6 @@ import sys
 
 from absl import app, flags, logging
 
-from dlm_jax.hostmem import retain_freed_memory
-
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _BATCHES = flags.DEFINE_integer("batches", 0, "Exactly this many validation batches (0: sized "
                                 "to --target_se).")
@@ -147,5 +145,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    retain_freed_memory()  # before jax starts (config files import it): dlm_jax.hostmem
     app.run(lambda argv: sys.exit(main(argv)))

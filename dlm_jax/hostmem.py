@@ -6,26 +6,34 @@ malloc serves a block that large with a fresh `mmap` and returns it with `munmap
 mmap threshold (at most 32 MiB), and always when the allocating thread uses one of glibc's
 secondary arenas, whose heaps hold at most 64 MiB. So every step touches ~75,000 new 4 KiB pages,
 and the kernel zeroes each one on its first write. Measured on a 2-core AMD EPYC (family 25
-model 17): ~80,000 minor page faults and 0.13–0.19 s of kernel time per MDLM step of
-0.45–0.53 s, and the step 1.1–1.3× faster without them (`benchmarks/README.md`, "Host memory").
+model 17), bench size: ~80,000 minor page faults and 0.13–0.19 s of kernel time per MDLM step;
+without them the train step at L 256, batch 8 is 1.20–1.33× faster across the families and
+the CPU quickstart 1.24× (at L 1024, batch 2: 1.00–1.10×, within the machine's noise);
+losses are bit for bit the same (`benchmarks/README.md`, "Host memory").
 
 `retain_freed_memory` tells glibc to serve every thread from the main arena (`M_ARENA_MAX` 1),
 from its heap rather than from fresh mappings (`M_MMAP_MAX` 0), and to keep up to 2 GiB of
 free memory at the heap's top instead of returning it (`M_TRIM_THRESHOLD`): the next step's
-temporaries reuse the pages of the last. The cost: the process keeps its peak heap (the peak
-is what a training run needs anyway), and one arena for all threads (XLA's host threads
-allocate a few large blocks per program; nothing here allocates in a hot loop).
+temporaries reuse the pages of the last. The costs: the process keeps its peak heap, and
+XLA's compiler threads share one arena's lock, so compiling is slower (the bench-size MDLM
+train step: 4.7–5.0 s against 3.9–4.0 s). It pays where one program runs many times, so
+`python -m dlm_jax.train` (not with `--compile_only`) and the timing benchmarks set it, where
+jax will run on the CPU; the one-shot CLIs (`sample`, `evaluate`, `convert`) and the test suite,
+which mostly compile, do not. Memory: the heap settles at a few temporaries, not one. glibc
+cannot always fit XLA's aligned block into the hole the last one left. For the bench MDLM
+step it held 3 (908 MB; peak RSS 1.85 GB against 1.08 GB with glibc's defaults). On a CPU
+run that is short of memory, set `DLM_JAX_MALLOC=system`.
 
-It must run before the threads that allocate exist: before jax starts (its thread pools attach
-to arenas on their first allocation), ideally before numpy is imported. The CLIs
-(`dlm_jax.train`, `.sample`, `.evaluate`) and the benchmarks call it first thing; a script of
-your own can do the same, or start Python with
+It must run before the threads that allocate exist: before jax is imported (its threads
+attach to arenas on their first allocation; set later, it takes partly), ideally before
+numpy. A script of your own can call it first thing, or start Python with
 `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`.
 `DLM_JAX_MALLOC=system` leaves glibc's defaults. Other C libraries (musl, macOS) are left alone.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 
 OPT_OUT_ENV = "DLM_JAX_MALLOC"  # "system": keep the C library's defaults
@@ -35,6 +43,10 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: 2 GiB − 1, the most it can say
+
+# PJRT plugins and packages that give jax an accelerator backend (cuda, rocm, tpu).
+ACCELERATOR_MODULES = ("jax_plugins", "libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin",
+                       "jax_rocm60_plugin", "jax_rocm7_plugin")
 
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
@@ -51,10 +63,22 @@ def is_glibc() -> bool:
         return False
 
 
+def cpu_backend_expected() -> bool:
+    """Whether jax will run on the CPU: JAX_PLATFORMS names only cpu, or it is unset and no
+    accelerator plugin is installed. Decided without importing jax."""
+    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms == ["cpu"]
+    return not any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_MODULES)
+
+
 def retain_freed_memory() -> bool:
     """Set glibc's malloc to reuse freed memory (module docstring). Returns whether it did:
-    False on another C library or with ``DLM_JAX_MALLOC=system``. Call it before importing jax."""
-    if os.environ.get(OPT_OUT_ENV, "").lower() == "system" or not is_glibc():
+    not with ``DLM_JAX_MALLOC=system``, on another C library, or where jax will run on an
+    accelerator (its temporaries live in device memory; the setting would only slow
+    compiling). Call it before importing jax."""
+    if (os.environ.get(OPT_OUT_ENV, "").lower() == "system" or not is_glibc()
+            or not cpu_backend_expected()):
         return False
     global _applied
     mallopt = ctypes.CDLL(None).mallopt

@@ -17,8 +17,6 @@ import sys
 
 from absl import app, flags, logging
 
-from dlm_jax.hostmem import retain_freed_memory
-
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text every sample starts with.")
 _NUM = flags.DEFINE_integer("num_samples", None, "Samples to draw (sampling.num_samples).")
@@ -97,5 +95,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    retain_freed_memory()  # before jax starts (config files import it): dlm_jax.hostmem
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse)

@@ -169,5 +169,6 @@ def _message(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    retain_freed_memory()  # before jax starts (config files import it): dlm_jax.hostmem
+    if not any(a.startswith("--compile_only") for a in sys.argv[1:]):  # it only compiles
+        retain_freed_memory()  # before jax starts (config files import it): dlm_jax.hostmem
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -20,6 +20,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # results agree with an optimised build to float rounding. Subprocesses inherit it; tests whose
 # run time dominates take the `optimized` fixture; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# For the same reason the train CLI's subprocesses keep glibc's malloc defaults: its setting for
+# long runs (`dlm_jax.hostmem`) makes compiling ~20% slower, and these runs mostly compile.
+# tests/test_hostmem.py checks the setting itself, with the variable removed.
+os.environ.setdefault("DLM_JAX_MALLOC", "system")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
