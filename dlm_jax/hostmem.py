@@ -1,10 +1,10 @@
 """Host memory: keep freed memory for reuse instead of faulting fresh pages in at every step.
 
 XLA:CPU allocates one buffer for all of a compiled program's temporaries at every call and frees
-it when the call returns (for the bench-size MDLM train step, L 256, batch 8: 308 MB). glibc's
+it when the call returns (for the bench-size MDLM train step, L 256, batch 8: 293 MiB). glibc's
 malloc serves a block that large with a fresh `mmap` and returns it with `munmap`: above its
 mmap threshold (at most 32 MiB), and always when the allocating thread uses one of glibc's
-secondary arenas, whose heaps hold at most 64 MiB. So every step touches ~75,000 new 4 KiB pages,
+secondary arenas, whose heaps hold at most 64 MiB. So every step touches ~75,000 new 4 KiB pages
 and the kernel zeroes each one on its first write. Measured on a 2-core AMD EPYC (family 25
 model 17), bench size: ~80,000 minor page faults and 0.13–0.19 s of kernel time per MDLM step;
 without them the train step at L 256, batch 8 is 1.20–1.33× faster across the families and
@@ -21,7 +21,7 @@ train step: 4.7–5.0 s against 3.9–4.0 s). It pays where one program runs man
 jax will run on the CPU; the one-shot CLIs (`sample`, `evaluate`, `convert`) and the test suite,
 which mostly compile, do not. Memory: the heap settles at a few temporaries, not one. glibc
 cannot always fit XLA's aligned block into the hole the last one left. For the bench MDLM
-step it held 3 (908 MB; peak RSS 1.85 GB against 1.08 GB with glibc's defaults). On a CPU
+step it held 3 (908 MiB; peak RSS 1848 MiB against 1077 MiB with glibc's defaults). On a CPU
 run that is short of memory, set `DLM_JAX_MALLOC=system`.
 
 It must run before the threads that allocate exist: before jax is imported (its threads
