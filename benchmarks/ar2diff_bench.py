@@ -32,10 +32,6 @@ Speed figures are only comparable within one run (the benchmark machine is share
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc's malloc set to reuse freed memory, before jax starts
-    from dlm_jax.hostmem import retain_freed_memory  # (as `python -m dlm_jax.train` does)
-    retain_freed_memory()
-
 import argparse
 import dataclasses
 import json

@@ -26,10 +26,6 @@ interleaved with the rest of their group.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc's malloc set to reuse freed memory, before jax starts
-    from dlm_jax.hostmem import retain_freed_memory  # (as `python -m dlm_jax.train` does)
-    retain_freed_memory()
-
 import argparse
 import json
 import os

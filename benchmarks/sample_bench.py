@@ -24,10 +24,6 @@ cache, first-hitting at batch 1) also print its tokens/s and our ratio.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # glibc's malloc set to reuse freed memory, before jax starts
-    from dlm_jax.hostmem import retain_freed_memory  # (as `python -m dlm_jax.train` does)
-    retain_freed_memory()
-
 import argparse
 import functools
 import json

@@ -14,15 +14,19 @@ losses are bit for bit the same (`benchmarks/README.md`, "Host memory").
 `retain_freed_memory` tells glibc to serve every thread from the main arena (`M_ARENA_MAX` 1),
 from its heap rather than from fresh mappings (`M_MMAP_MAX` 0), and to keep up to 2 GiB of
 free memory at the heap's top instead of returning it (`M_TRIM_THRESHOLD`): the next step's
-temporaries reuse the pages of the last. The costs: the process keeps its peak heap, and
-XLA's compiler threads share one arena's lock, so compiling is slower (the bench-size MDLM
-train step: 4.7–5.0 s against 3.9–4.0 s). It pays where one program runs many times, so
-`python -m dlm_jax.train` (not with `--compile_only`) and the timing benchmarks set it, where
-jax will run on the CPU; the one-shot CLIs (`sample`, `evaluate`, `convert`) and the test suite,
-which mostly compile, do not. Memory: the heap settles at a few temporaries, not one. glibc
-cannot always fit XLA's aligned block into the hole the last one left. For the bench MDLM
-step it held 3 (908 MiB; peak RSS 1848 MiB against 1077 MiB with glibc's defaults). On a CPU
-run that is short of memory, set `DLM_JAX_MALLOC=system`.
+temporaries reuse the pages of the last.
+
+The costs, measured side by side: XLA's threads share one arena's lock, so compiling is slower
+(the bench-size MDLM train step: 4.7–5.0 s against 3.9–4.0 s), and so are programs that loop
+over many small steps (likely their per-iteration runtime allocations meeting at that lock):
+sampling at L 128, batch 8, AR with its KV cache 0.48–0.52 s against 0.31–0.41 s, MDLM
+ancestral 7.2–7.3 s against 6.1–6.9 s. And the heap settles at a few temporaries, not one
+(glibc cannot always fit XLA's aligned block into the hole the last one left): for the bench
+MDLM step 3 (908 MiB; peak RSS 1848 MiB against 1077 MiB with glibc's defaults). So it is set
+where one large program runs many times: `python -m dlm_jax.train` (not with `--compile_only`)
+and `benchmarks/bench.py`, where jax will run on the CPU. `sample`, `evaluate`, `convert`, the
+sampling benchmarks, `perf_table.py` (which also samples) and the test suite keep glibc's
+defaults. A CPU run short of memory can set `DLM_JAX_MALLOC=system`.
 
 It must run before the threads that allocate exist: before jax is imported (its threads
 attach to arenas on their first allocation; set later, it takes partly), ideally before
