@@ -9,7 +9,10 @@ not (a TPU/GPU target on a CPU machine), two things are done instead: the step i
 target platform over an `AbstractMesh` of the same shape (that it lowers, its unoptimised FLOPs and
 the shardings are the target's), and it is compiled for the same mesh of fake CPU devices, whose
 memory figures are XLA:CPU's buffer assignment — an estimate, not the accelerator's (its fusion,
-layouts and bf16 handling differ).
+layouts and bf16 handling differ). The attention backend is the target's (`registry.build`'s
+`platform`): splash lowers to its Mosaic kernels for a TPU (and runs in the Pallas interpreter in
+the CPU compile); cuDNN attention, which JAX lowers only where it finds cuDNN, becomes the flash
+attention without a GPU (`attention_notes`).
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ class CompileReport:
     the compiler whose buffer assignment they are. `flops_per_device`: from the compiled
     (partitioned) program's cost analysis; `flops_lowered`: the whole step's FLOPs before
     optimisation and partitioning (the target lowering's, if any); `flops_method`: the method's
-    `flops_per_token` × tokens per step.
+    `flops_per_token` × tokens per step. `notes`: what the figures leave out
+    (`attention_notes`).
     """
 
     target: str
@@ -63,6 +67,7 @@ class CompileReport:
     batch_spec: str
     state_bytes_per_device: int
     seconds: float
+    notes: tuple[str, ...] = ()
 
 
 def abstract_batch(exp, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -145,7 +150,31 @@ def lower_for_platform(program, exp, global_batch: int, platform: str):
                    in_shardings=(state_sh, NamedSharding(abstract, exp.batch_sharding.spec)),
                    out_shardings=(state_sh, None), donate_argnums=0)
     with jax.sharding.use_abstract_mesh(abstract):
-        return step.trace(state, batch).lower(lowering_platforms=(platform,))
+        # JAX names the lowering platforms of GPUs by their runtime (no GPU plugin is needed)
+        return step.trace(state, batch).lower(
+            lowering_platforms=("cuda",) if platform == "gpu" else (platform,))
+
+
+def attention_notes(backend: str, target: str, compiled_for: str) -> tuple[str, ...]:
+    """What the report's figures say about an accelerator attention backend (`model.attention`)
+    for a `target` platform, compiled on `compiled_for` devices."""
+    if backend == "splash":
+        which = "compiled and lowered" if compiled_for == "tpu" else f"{target}-lowered"
+        notes = [f"attention: splash's Mosaic kernels are custom calls whose FLOPs XLA does not "
+                 f"count: the {which} FLOPs leave attention out (the method's count has it)"]
+        if compiled_for != "tpu":
+            notes.append(f"attention: the {compiled_for} compile ran splash in the Pallas "
+                         f"interpreter (its memory figures are the interpreter's); the {target} "
+                         f"lowering holds the Mosaic kernels")
+        return tuple(notes)
+    if backend == "cudnn" and compiled_for != "gpu":
+        return ("attention: JAX lowers cuDNN attention only where it finds cuDNN, absent here: "
+                f"the {target} lowering and the {compiled_for} compile use the xla flash "
+                "attention in its place",)
+    if backend == "cudnn":
+        return ("attention: where cuDNN's fused attention runs (`kernels.cudnn_plan`) it is a "
+                "custom call whose FLOPs XLA does not count (the method's count has them)",)
+    return ()
 
 
 def compile_report(exp, program, *, target: str | None = None) -> CompileReport:
@@ -176,7 +205,8 @@ def compile_report(exp, program, *, target: str | None = None) -> CompileReport:
         memory=memory, flops_per_device=_flops(compiled.cost_analysis()),
         flops_lowered=flops_lowered, flops_method=exp.flops_per_token() * tokens,
         largest=largest, batch_spec=str(tuple(exp.batch_sharding.spec)),
-        state_bytes_per_device=state_bytes, seconds=time.perf_counter() - t0)
+        state_bytes_per_device=state_bytes, seconds=time.perf_counter() - t0,
+        notes=attention_notes(cfg.model.attention, target, platform))
 
 
 def human_bytes(n: float) -> str:
@@ -198,6 +228,7 @@ def format_report(r: CompileReport) -> list[str]:
                      f"shardings) and compiled for {r.num_devices} fake {r.compiled_for} "
                      f"devices; the memory figures are XLA:{r.compiled_for.upper()}'s buffer "
                      f"assignment, an estimate of what {r.target} needs")
+    lines += [f"note: {n}" for n in r.notes]
     if r.memory is not None:
         m = r.memory
         lines.append(f"memory per device: arguments {human_bytes(m['arguments'])} | outputs "

@@ -25,6 +25,7 @@ from dlm_jax.methods import (Autoregressive, ConcreteScoreMatching, ContinuousTi
                              DiscreteTime, Masked, Method, ScoreEntropy)
 from dlm_jax.methods.csm import MAX_EXACT_NEIGHBOURS
 from dlm_jax.models.attention import check_backend
+from dlm_jax.models.kernels import SPLASH_TILES
 from dlm_jax.models.transformer import DiT, build_model, model_dims
 from dlm_jax.processes import schedules, transitions
 from dlm_jax.processes.d3pm import D3PM
@@ -308,8 +309,11 @@ class Experiment:
                             process_count=jax.process_count())
 
 
-def build(cfg: Config, devices=None) -> Experiment:
-    """Validate `cfg` and resolve it into an `Experiment` (no parameters are allocated)."""
+def build(cfg: Config, devices=None, *, platform: str | None = None) -> Experiment:
+    """Validate `cfg` and resolve it into an `Experiment` (no parameters are allocated).
+
+    platform: the platform the run is for, against which `model.attention` is checked (default:
+    the devices'); `--compile_only --platform tpu|gpu` builds for it over fake CPU devices."""
     from dlm_jax.data.pipeline import dataset_vocab_size
     validate(cfg)
     tokenizer = build_tokenizer(cfg)
@@ -326,9 +330,12 @@ def build(cfg: Config, devices=None) -> Experiment:
                           f"for {method.name}; it supports {list(method.time_schemes)}")
     mesh = sharding.make_mesh(cfg.mesh, devices)
     try:
-        check_backend(cfg.model.attention, mesh.devices.flat[0].platform)
+        check_backend(cfg.model.attention, platform or mesh.devices.flat[0].platform)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
+    if cfg.model.attention == "splash" and cfg.data.seq_len % SPLASH_TILES[-1]:
+        raise ConfigError(f"config.model.attention='splash' needs config.data.seq_len to be a "
+                          f"multiple of {SPLASH_TILES[-1]} (got {cfg.data.seq_len}); use 'xla'")
     rules = tuple(cfg.mesh.rules)
     shards = sharding.batch_divisor(mesh, rules)
     if cfg.train.batch_size % (shards * cfg.optim.accum_steps):

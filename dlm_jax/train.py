@@ -132,7 +132,7 @@ def _compile_only() -> int:
         if len(devices) < count:
             fail(f"--mesh_devices {count}: only {len(devices)} CPU device(s) were created")
     try:
-        exp = registry.build(cfg, devices)
+        exp = registry.build(cfg, devices, platform=target)
         program = TrainProgram(exp, make_optimizer(cfg.optim, cfg.train.steps))
     except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as e:
         fail(_message(e))

@@ -9,8 +9,11 @@ import pytest
 
 from dlm_jax import registry
 from dlm_jax.cli import CPU_COLLECTIVE_TIMEOUTS, FAKE_DEVICES_FLAG, cpu_xla_flags
-from dlm_jax.compile_check import (abstract_batch, human_bytes, largest_arrays,
-                                   lower_for_platform, memory_figures)
+from dlm_jax.compile_check import (abstract_batch, attention_notes, compile_report, human_bytes,
+                                   largest_arrays, lower_for_platform, memory_figures)
+from dlm_jax.config import ConfigError
+from dlm_jax.models import kernels
+from dlm_jax.models.transformer import model_dims
 from dlm_jax.state import make_optimizer
 from dlm_jax.steps import TrainProgram
 
@@ -88,6 +91,61 @@ def test_lowers_for_tpu_without_tpu_devices():
     assert tpu.cost_analysis()["flops"] == pytest.approx(cpu.cost_analysis()["flops"], rel=0.01)
     largest, total = largest_arrays(program.abstract_state, k=3)
     assert len(largest) == 3 and largest[0].per_device_bytes <= total
+
+
+def _program(cfg, devices, platform):
+    exp = registry.build(cfg, devices, platform=platform)
+    return exp, TrainProgram(exp, make_optimizer(cfg.optim, cfg.train.steps))
+
+
+def test_compile_only_for_tpu_lowers_splash_to_mosaic_kernels():
+    """`--compile_only --platform tpu` with splash attention and no TPU: the TPU lowering holds
+    the Mosaic kernels (forward, dq and dkv per layer, not the Pallas interpreter), the CPU
+    compile runs the interpreter, and the report says what its figures leave out."""
+    cfg = tiny.get_config("bd3lm,block=16")
+    cfg.model.attention, cfg.data.seq_len, cfg.mesh.shape = "splash", 128, (2, 1, 1)
+    with pytest.raises(ConfigError, match="needs a TPU"):  # a run on these devices: refused
+        registry.build(cfg, jax.devices()[:2])
+    exp, program = _program(cfg, jax.devices()[:2], "tpu")
+    text = lower_for_platform(program, exp, cfg.train.batch_size, "tpu").as_text()
+    depth = model_dims(cfg.model)["depth"]
+    assert text.count("tpu_custom_call") == 3 * depth, "not the Mosaic kernels"
+    report = compile_report(exp, program, target="tpu")
+    assert report.compiled_for == "cpu" and report.memory["temporaries"] > 0
+    assert any("Pallas interpreter" in n for n in report.notes)
+    assert any("tpu-lowered FLOPs leave attention out" in n for n in report.notes)
+
+
+def test_compile_only_for_gpu_without_a_gpu():
+    """The GPU lowering needs no GPU (JAX lowers for "cuda"); cuDNN attention, which JAX lowers
+    only where it finds cuDNN, becomes the xla flash attention there, and the report says so."""
+    cfg = tiny.get_config("mdlm")
+    cfg.model.attention, cfg.model.compute_dtype, cfg.mesh.shape = "cudnn", "bfloat16", (2, 1, 1)
+    exp, program = _program(cfg, jax.devices()[:2], "gpu")
+    text = lower_for_platform(program, exp, cfg.train.batch_size, "gpu").as_text()
+    assert "cudnn" not in text and "mhlo.num_partitions = 2" in text
+    report = compile_report(exp, program, target="gpu")
+    assert report.flops_lowered > 0 and report.target == "gpu"
+    assert report.notes == attention_notes("cudnn", "gpu", "cpu") and "flash" in report.notes[0]
+    assert attention_notes("xla", "tpu", "cpu") == ()
+
+
+def test_splash_needs_a_length_its_tiles_divide():
+    cfg = tiny.get_config("mdlm")
+    cfg.model.attention = "splash"
+    with pytest.raises(ConfigError, match=r"data.seq_len to be a multiple of 128 \(got 32\)"):
+        registry.build(cfg, jax.devices()[:1], platform="tpu")
+
+
+def test_lowering_platform_is_the_meshs():
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+    assert kernels.lowering_platform() == jax.default_backend()
+    for platform in ("tpu", "gpu"):
+        mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
+                            abstract_device=AbstractDevice(device_kind=platform, num_cores=None,
+                                                           platform=platform))
+        with jax.sharding.use_abstract_mesh(mesh):
+            assert kernels.lowering_platform() == platform
 
 
 def test_memory_figures_and_human_bytes():

@@ -57,6 +57,22 @@ BATCH_AXES = mesh_axes_for("batch", dict(MeshConfig().rules))
 HEAD_AXES = mesh_axes_for("heads", dict(MeshConfig().rules))
 
 
+def lowering_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") the current trace is lowered for: that of the mesh in
+    context — an AbstractMesh lowered for a platform this machine lacks names it, as
+    `compile_check.lower_for_platform` does — else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def _gpu_present() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend in this process
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # splash (TPU)
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +151,12 @@ def splash_attention(q: Array, k: Array, v: Array, pattern: MaskPattern, *,
     static block mask (`splash_mask`), so the kernel skips every fully masked tile. A pattern with
     a band (attention-mask annealing: traced, new every step) cannot be a static mask and runs
     `flash.flash_attention` instead. Lq and Lk must be multiples of 128 (`splash_block_sizes`).
-    interpret: run the kernel in the Pallas interpreter (None: iff not on a TPU; tests only, as
-    `attention.check_backend` refuses splash off-TPU). Under a mesh (`jax.set_mesh`) with more
-    than one device the kernel runs in a `jax.shard_map` — a Pallas call is opaque to GSPMD — with
-    the batch and heads split over shard_axes = (batch axes, head axes): the run's mesh rules,
-    which the models pass; None: the default rules'.
+    interpret: run the kernel in the Pallas interpreter (None: iff the trace is not for a TPU,
+    `lowering_platform`: tests, and `--compile_only`'s compile on fake CPU devices; a lowering
+    for TPU gets the Mosaic kernels, with or without a TPU here). Under a mesh
+    (`jax.set_mesh`) with more than one device the kernel runs in a `jax.shard_map` — a Pallas
+    call is opaque to GSPMD — with the batch and heads split over shard_axes = (batch axes, head
+    axes): the run's mesh rules, which the models pass; None: the default rules'.
     """
     if pattern.band is not None:
         from dlm_jax.models.flash import flash_attention
@@ -148,7 +165,7 @@ def splash_attention(q: Array, k: Array, v: Array, pattern: MaskPattern, *,
     lk = k.shape[1]
     pattern.stream_length(lk)  # validates the two-pass shape
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = lowering_platform() != "tpu"
     if block_sizes is None:
         block_sizes = splash_block_sizes(lq, lk)
 
@@ -201,13 +218,15 @@ def _max_head_dim() -> int:
 def cudnn_attention(q: Array, k: Array, v: Array, pattern: MaskPattern) -> Array:
     """Attention with NVIDIA cuDNN fused attention (`jax.nn.dot_product_attention(...,
     implementation="cudnn")`) where `cudnn_plan` allows it, else `flash.flash_attention`.
+    Also the flash attention where the trace is not for a GPU present here (`--compile_only`
+    for a GPU target on a CPU machine: JAX lowers cuDNN attention only where it finds cuDNN).
 
     q (B, Lq, H, Dh), k/v (B, Lk, H, Dh) → (B, Lq, H, Dh) in q's dtype. The cuDNN custom call
     carries its own sharding rule (batch and heads), so no shard_map is needed.
     """
     plan, _ = cudnn_plan(pattern, q.shape[1], k.shape[1], q.dtype, q.shape[-1],
                          max_head_dim=_max_head_dim())
-    if plan == "xla":
+    if plan == "xla" or lowering_platform() != "gpu" or not _gpu_present():
         from dlm_jax.models.flash import flash_attention
         return flash_attention(q, k, v, pattern)
     o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
