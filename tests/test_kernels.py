@@ -187,6 +187,23 @@ def test_splash_under_a_mesh_runs_in_shard_map():
         np.testing.assert_allclose(got, want, **TOL)
 
 
+def test_splash_traces_under_one_mesh_after_another():
+    """The cached kernel's mask-info constants take the type of the mesh they were built under:
+    the same shapes traced under a second mesh (local shapes equal, other axis sizes) must not
+    reuse the first mesh's kernel (a shard_map "context mesh … should match the aval mesh")."""
+    pattern = MaskPattern("causal")
+    q, k, v, w = _inputs(4, 128, 128)
+    ref = _value_and_grads(dense_attention, q, k, v, w, pattern)
+    for shape in ((2, 2, 1), (2, 1, 1)):  # batch over data × fsdp, then over data only
+        mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                             devices=jax.devices()[:shape[0] * shape[1]])
+        with jax.set_mesh(mesh):
+            got = jax.jit(lambda q, k, v: _value_and_grads(
+                kernels.splash_attention, q, k, v, w, pattern))(q, k, v)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(a, b, **TOL)
+
+
 def test_models_split_splash_as_the_run_rules_do(monkeypatch):
     """The DiT passes its run's mesh rules (`config.mesh.rules` "batch" and "heads", through
     `registry`) to splash's shard_map: here batch over "data" only, heads replicated, on a

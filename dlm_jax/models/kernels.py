@@ -110,11 +110,13 @@ def splash_block_sizes(lq: int, lk: int):
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(kind: str, block_size: int, heads: int, lq: int, lk: int, block_sizes,
-                   interpret: bool):
+                   interpret: bool, context_mesh):
     """The (cached) splash MHA kernel for (H, Lq, Dh) × (H, Lk, Dh): building its mask info walks
     the whole (Lq, Lk) mask in numpy, once per shape rather than once per trace. Built eagerly
     (`ensure_compile_time_eval`): its mask-info arrays must be constants, not tracers of the
-    trace (e.g. a shard_map) that first asked for it."""
+    trace (e.g. a shard_map) that first asked for it. Those constants take the type of the mesh
+    in context (`context_mesh`, the abstract mesh of the shard_map's manual axes), so it is part
+    of the cache key: a kernel built under one mesh fails to trace under another."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     mask = splash_mask(MaskPattern(kind, block_size), lq, lk)
@@ -171,7 +173,7 @@ def splash_attention(q: Array, k: Array, v: Array, pattern: MaskPattern, *,
 
     def run(q, k, v):  # the local shard: (b, Lq, h, Dh)
         kernel = _splash_kernel(pattern.kind, pattern.block_size, q.shape[2], lq, lk,
-                                block_sizes, interpret)
+                                block_sizes, interpret, jax.sharding.get_abstract_mesh())
         heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel's (H, L, Dh) per example
         # The kernel does not scale the scores: scale q (exact for Dh a power of 4).
         qs = (q * (1.0 / math.sqrt(dh))).astype(q.dtype)
