@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import tiny  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)
+# The mesh tests need 4 devices: fake CPU devices in the suite (conftest), chips on a TPU host.
+FOUR_DEVICES = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices")
 
 
 def _inputs(b, lq, lk, h=2, dh=64, dtype=jnp.float32, seed=0):
@@ -170,6 +172,7 @@ def test_mesh_spec():
         None, None, ("fsdp", "tensor"), None)
 
 
+@FOUR_DEVICES
 def test_splash_under_a_mesh_runs_in_shard_map():
     """Batch over "data", heads over "tensor" of a (2, 1, 2) mesh of fake CPU devices."""
     mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
@@ -187,6 +190,7 @@ def test_splash_under_a_mesh_runs_in_shard_map():
         np.testing.assert_allclose(got, want, **TOL)
 
 
+@FOUR_DEVICES
 def test_splash_traces_under_one_mesh_after_another():
     """The cached kernel's mask-info constants take the type of the mesh they were built under:
     the same shapes traced under a second mesh (local shapes equal, other axis sizes) must not
@@ -204,6 +208,7 @@ def test_splash_traces_under_one_mesh_after_another():
             np.testing.assert_allclose(a, b, **TOL)
 
 
+@FOUR_DEVICES
 def test_models_split_splash_as_the_run_rules_do(monkeypatch):
     """The DiT passes its run's mesh rules (`config.mesh.rules` "batch" and "heads", through
     `registry`) to splash's shard_map: here batch over "data" only, heads replicated, on a
